@@ -1,0 +1,122 @@
+"""The backend interface: a few fused primitives every backend implements (DESIGN section 2).
+
+Variants are written once against this interface. The numpy backend's methods *are* the
+specification; numba and cupy re-implement the same primitives fast and are tested against it.
+
+Array conventions for every primitive
+-------------------------------------
+* ``q`` is ``(B, Hq, Sq, D)``, ``k`` is ``(B, Hkv, Sk, D)``, ``v`` is ``(B, Hkv, Sk, Dv)``, in the
+  compute dtype (float64 unless a backend offers and the caller asks for float32);
+* ``head_map`` is an int array of length ``Hq``: query head ``h`` reads KV head ``head_map[h]``;
+* ``lse`` is ``(B, Hq, Sq)`` in natural log over the *visible* keys (a sink is excluded), ``-inf``
+  for a row that sees no key; such a row's output is 0;
+* nothing is modified in place.
+
+The records :class:`ScoreMod` and :class:`Dropout` are declarative (no Python callables) so
+compiled backends can implement them.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreMod:
+    """What is done to the scaled scores before masking, in this order (DESIGN section 3).
+
+    1. ``softcap``: ``s = c * tanh(s / c)``;
+    2. ALiBi: ``alibi_form="symmetric"`` adds ``-slope_h * |i + off - j|`` (the paper; flash-attn's
+       reference); ``alibi_form="flash"`` adds ``+slope_h * j`` (flash-attn's causal kernel: the same
+       output under a causal mask, the LSE larger by ``slope_h * (i + off)``); ``off`` is the
+       pattern's diagonal offset;
+    3. ``bias``: an additive array broadcastable to ``(B, Hq, Sq, Sk)`` (4-d, leading 1s padded).
+    """
+
+    softcap: Optional[float] = None
+    alibi_slopes: Optional[np.ndarray] = field(default=None, repr=False)
+    alibi_form: str = "symmetric"
+    bias: Optional[np.ndarray] = field(default=None, repr=False)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.softcap is None and self.alibi_slopes is None and self.bias is None
+
+
+@dataclass(frozen=True, eq=False)
+class Dropout:
+    """Dropout on the probabilities, kept ones scaled by ``1 / (1 - p)``; the LSE is unaffected.
+
+    Either ``seed`` (the Philox4x64-10 scheme of :mod:`refattn.dropout`) or an explicit boolean
+    ``mask`` broadcastable to ``(B, Hq, Sq, Sk)`` (True = keep, 4-d) decides which are kept.
+    """
+
+    p: float
+    seed: Optional[int] = None
+    mask: Optional[np.ndarray] = field(default=None, repr=False)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / (1.0 - self.p)
+
+
+class Backend(abc.ABC):
+    """A set of attention primitives over one array library."""
+
+    #: registry name ("numpy", "numba", "cupy")
+    name: str = ""
+    #: compute dtypes the backend accepts
+    compute_dtypes: tuple = ("float64",)
+
+    @property
+    @abc.abstractmethod
+    def xp(self):
+        """The array namespace (``numpy`` or ``cupy``) for glue code in variants."""
+
+    def asarray(self, x, dtype=np.float64):
+        """Convert a host array to this backend's arrays (a copy where the kind changes)."""
+        return self.xp.asarray(x, dtype=dtype)
+
+    def to_numpy(self, x) -> np.ndarray:
+        return np.asarray(x)
+
+    @abc.abstractmethod
+    def attend(self, q, k, v, *, pattern, scale: float, head_map, score_mod: Optional[ScoreMod] = None,
+               sinks=None, dropout: Optional[Dropout] = None):
+        """Softmax attention. Returns ``(out, lse)``; see the module docstring for shapes.
+
+        ``sinks`` (``(Hq,)``, gpt-oss style) enter the softmax denominator only:
+        ``out = out_visible / (1 + exp(sink_h - lse))``; ``lse`` excludes them.
+        """
+
+    @abc.abstractmethod
+    def attend_backward(self, q, k, v, out, lse, dout, *, pattern, scale: float, head_map,
+                        score_mod: Optional[ScoreMod] = None, sinks=None,
+                        dropout: Optional[Dropout] = None):
+        """Gradients of :meth:`attend`. Returns ``(dq, dk, dv, extras)``.
+
+        ``out`` and ``lse`` are what :meth:`attend` returned. ``extras`` holds ``"bias"`` (summed
+        to the bias's own shape) and ``"sinks"`` when those are present.
+        """
+
+    def merge_states(self, o_a, lse_a, o_b, lse_b):
+        """Merge two partial attention results over disjoint key sets.
+
+        ``lse = logaddexp(lse_a, lse_b)``, ``o = o_a * exp(lse_a - lse) + o_b * exp(lse_b - lse)``;
+        a part with ``lse = -inf`` contributes nothing; both empty gives ``(0, -inf)``. Sinks are not
+        part of a state: apply them once, after the last merge.
+        """
+        xp = self.xp
+        lse = xp.logaddexp(lse_a, lse_b)
+        finite = xp.isfinite(lse)
+        safe = xp.where(finite, lse, 0.0)
+        w_a = xp.where(finite, xp.exp(lse_a - safe), 0.0)
+        w_b = xp.where(finite, xp.exp(lse_b - safe), 0.0)
+        return o_a * w_a[..., None] + o_b * w_b[..., None], lse
+
+    def __repr__(self):
+        return f"<refattn backend {self.name!r}>"

@@ -1,0 +1,186 @@
+"""Input validation, in one place.
+
+Every check raises a :mod:`refattn.errors` exception whose message names the argument, what was
+expected and what came. Nothing here modifies its input: arrays are converted with a copy to the
+compute dtype (float64 by default) -- the one cast refattn makes -- and nothing is truncated or
+broadcast beyond the documented broadcasting of ``mask``, ``bias`` and ``dropout_mask``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from .errors import DTypeError, ParameterError, ShapeError, fmt_shape
+
+LAYOUTS = ("bhsd", "bshd")
+COMPUTE_DTYPES = ("float64", "float32")
+
+
+def to_numpy(x, name: str) -> np.ndarray:
+    """A numpy view of an array-like (numpy, anything with ``__array__``, DLPack, torch CPU)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensors, incl. requires_grad / bf16
+        t = x.detach().cpu()
+        if str(t.dtype) in ("torch.bfloat16", "torch.float8_e4m3fn", "torch.float8_e5m2"):
+            t = t.float()
+        return t.numpy()
+    if hasattr(x, "get") and type(x).__module__.startswith("cupy"):
+        return x.get()
+    try:
+        return np.asarray(x)
+    except Exception as exc:  # pragma: no cover - exotic objects
+        raise DTypeError(f"{name}: expected an array, got {type(x).__name__} ({exc})") from exc
+
+
+def as_compute(x, name: str, dtype: str = "float64") -> np.ndarray:
+    """``x`` as a new float array of the compute dtype; rejects non-real dtypes."""
+    a = to_numpy(x, name)
+    kind = a.dtype.kind
+    if kind not in "fiu" and not _is_ml_float(a.dtype):
+        raise DTypeError(f"{name}: expected a real floating or integer array, got dtype {a.dtype}")
+    out = np.array(a, dtype=dtype, copy=True)
+    return out
+
+
+def _is_ml_float(dt) -> bool:
+    return dt.kind == "V" and dt.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3",
+                                          "float8_e5m2fnuz", "float8_e4m3fnuz")
+
+
+def check_choice(value, name: str, choices):
+    if value not in choices:
+        raise ParameterError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_rank4(a: np.ndarray, name: str, layout: str, dims: str = "D"):
+    if a.ndim != 4:
+        order = "(B, H, S, %s)" % dims if layout == "bhsd" else "(B, S, H, %s)" % dims
+        raise ShapeError(f"{name}: expected rank 4 {order} in layout {layout!r}, "
+                         f"got shape {fmt_shape(a.shape)}")
+
+
+def check_qkv(q, k, v, layout: str):
+    """Ranks and agreement of ``q (B,Hq,Sq,D)``, ``k (B,Hkv,Sk,D)``, ``v (B,Hkv,Sk,Dv)`` (bhsd)."""
+    check_rank4(q, "q", layout)
+    check_rank4(k, "k", layout)
+    check_rank4(v, "v", layout, "Dv")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ShapeError(f"k, v: expected batch {q.shape[0]} as in q, got {k.shape[0]} and {v.shape[0]}")
+    if q.shape[3] != k.shape[3]:
+        raise ShapeError(f"k: expected head dim {q.shape[3]} as in q, got {k.shape[3]} "
+                         f"(k shape {fmt_shape(k.shape)})")
+    if k.shape[1] != v.shape[1]:
+        raise ShapeError(f"v: expected {k.shape[1]} heads as in k, got {v.shape[1]}")
+    if k.shape[2] != v.shape[2]:
+        raise ShapeError(f"v: expected sequence length {k.shape[2]} as in k, got {v.shape[2]}")
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if min(a.shape) == 0 and name != "q":
+            raise ShapeError(f"{name}: expected non-empty dimensions, got shape {fmt_shape(a.shape)}")
+        if not np.all(np.isfinite(a)):
+            raise ParameterError(f"{name}: expected finite values, got {np.sum(~np.isfinite(a))} "
+                                 f"NaN/Inf entries")
+
+
+def head_map_for(hq: int, hkv: int, head_map=None) -> np.ndarray:
+    """The query-head -> KV-head map: ``h // (Hq // Hkv)`` by default, else the validated map."""
+    if head_map is None:
+        if hkv < 1 or hq % hkv:
+            raise ShapeError(f"k: expected a number of KV heads dividing the {hq} query heads, got "
+                             f"{hkv} (pass head_map= for uneven groupings)")
+        return np.arange(hq) // (hq // hkv)
+    hm = to_numpy(head_map, "head_map")
+    if hm.dtype.kind not in "iu":
+        raise ParameterError(f"head_map: expected integers, got dtype {hm.dtype}")
+    if hm.shape != (hq,):
+        raise ShapeError(f"head_map: expected shape ({hq},) (one KV head per query head), "
+                         f"got {fmt_shape(hm.shape)}")
+    if hm.size and (hm.min() < 0 or hm.max() >= hkv):
+        raise ParameterError(f"head_map: expected values in [0, {hkv}) (the KV heads), "
+                             f"got values in [{hm.min()}, {hm.max()}]")
+    return hm.astype(np.intp)
+
+
+def check_scale(scale, d: int) -> float:
+    """``1/sqrt(d)`` when None; otherwise a finite real number."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ParameterError(f"scale: expected a finite real number, got {scale!r}")
+    return float(scale)
+
+
+def check_positive(value, name: str):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            math.isfinite(value) and value > 0):
+        raise ParameterError(f"{name}: expected a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_window(window):
+    """``(left, right)`` integers >= -1 (-1 = unbounded); None passes."""
+    if window is None:
+        return None
+    if isinstance(window, (str, bytes)) or not hasattr(window, "__len__") or len(window) != 2:
+        raise ParameterError(f"window: expected a pair (left, right), got {window!r}")
+    out = []
+    for side, w in zip(("left", "right"), window):
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1:
+            raise ParameterError(f"window: expected {side} an integer >= -1 (-1 = unbounded), got {w!r}")
+        out.append(int(w))
+    return tuple(out)
+
+
+def check_broadcast(a, name: str, target, *, dtype=None, kind: str = "float") -> np.ndarray:
+    """A mask/bias-like array padded to rank 4 and checked broadcastable to ``target``."""
+    arr = to_numpy(a, name)
+    if kind == "bool":
+        if arr.dtype != np.bool_:
+            raise ParameterError(f"{name}: expected a boolean array (True = keep), got dtype {arr.dtype}")
+    else:
+        arr = as_compute(arr, name, dtype or "float64")
+        if np.any(np.isnan(arr)) or np.any(np.isposinf(arr)):
+            raise ParameterError(f"{name}: expected no NaN or +inf values (-inf hides a pair), "
+                                 f"got {np.sum(np.isnan(arr) | np.isposinf(arr))}")
+    if arr.ndim > 4:
+        raise ShapeError(f"{name}: expected rank <= 4, broadcastable to {fmt_shape(target)} "
+                         f"(B, H, Sq, Sk), got shape {fmt_shape(arr.shape)}")
+    arr4 = arr.reshape((1,) * (4 - arr.ndim) + arr.shape)
+    for have, want in zip(arr4.shape, target):
+        if have not in (1, want):
+            raise ShapeError(f"{name}: expected a shape broadcastable to {fmt_shape(target)} "
+                             f"(B, H, Sq, Sk), got {fmt_shape(arr.shape)}")
+    return arr4
+
+
+def check_per_head(a, name: str, hq: int) -> np.ndarray:
+    """A finite ``(Hq,)`` float array (ALiBi slopes, sinks)."""
+    arr = as_compute(a, name)
+    if arr.shape != (hq,):
+        raise ShapeError(f"{name}: expected shape ({hq},) (one value per query head), "
+                         f"got {fmt_shape(arr.shape)}")
+    if not np.all(np.isfinite(arr)):
+        raise ParameterError(f"{name}: expected finite values, got {arr}")
+    return arr
+
+
+def check_dropout(p, seed, mask):
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (0.0 <= p < 1.0):
+        raise ParameterError(f"dropout_p: expected a number in [0, 1), got {p!r}")
+    if seed is not None and mask is not None:
+        raise ParameterError("dropout_seed, dropout_mask: expected one of them, got both")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 64:
+            raise ParameterError(f"dropout_seed: expected an integer in [0, 2**64), got {seed!r}")
+        if p == 0:
+            raise ParameterError("dropout_seed: given with dropout_p=0; set dropout_p in (0, 1)")
+    elif p > 0 and mask is None:
+        raise ParameterError(f"dropout_p: {p} needs dropout_seed= (Philox) or dropout_mask=; "
+                             f"refattn draws no hidden randomness")
+    return float(p)

@@ -1,0 +1,318 @@
+"""Dense core: ``sdpa``, ``mha``, ``mqa``, ``gqa`` and ``flash`` (VARIANTS section A).
+
+All five compute ``O = softmax(mods(scale * Q Kᵀ)) V`` with the same knobs; ``mha``/``mqa``/``gqa``
+additionally check the head relation, and ``flash`` evaluates the forward with FlashAttention's tiled
+online softmax, spelled out for reading, instead of the backend's ``attend``.
+
+Conventions (all tested; see also :mod:`refattn.patterns`)
+----------------------------------------------------------
+* ``layout="bhsd"`` (default) or ``"bshd"``; ``mask``/``bias``/``dropout_mask`` are always
+  ``(B, H, Sq, Sk)``-ordered, broadcast with numpy rules from the right (rank <= 4).
+* GQA/MQA: query head ``h`` uses KV head ``h // (Hq // Hkv)``; ``head_map`` (length Hq) overrides.
+* ``scale`` defaults to ``1/sqrt(D)``.
+* Alignment: ``s = Sk - Sq`` (``"bottom_right"``, default) or ``0`` (``"top_left"``, PyTorch's
+  ``is_causal``); ``causal=True`` uses ``alignment``; ``causal="top_left"|"bottom_right"`` sets both.
+  Causal: key ``j`` visible iff ``j <= i + s``. Window ``(left, right)``, -1 unbounded:
+  ``i + s - left <= j <= i + s + right``. ALiBi uses the same ``s``.
+* Score order: scale -> softcap -> ALiBi and bias -> mask -> softmax (float64, max-subtracted).
+* Sinks: a per-head logit in the denominator only; the LSE excludes it.
+* Empty rows (no visible key): output 0 and LSE ``-inf``; ``empty_row="nan"`` gives NaN outputs
+  (xformers-style) with the LSE still ``-inf``.
+* LSE: natural log, shape ``(B, Hq, Sq)``; ``lse_base=2`` returns ``lse / ln 2`` (FlashInfer).
+* Dropout on probabilities, scaled by ``1/(1-p)``; LSE unaffected; mask from Philox4x64-10
+  (:mod:`refattn.dropout`) with ``dropout_seed``, or ``dropout_mask`` (True = keep).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from refattn.backends.base import Dropout, ScoreMod
+from .. import validate as V
+from ..errors import ParameterError, ShapeError
+from ..patterns import ALIGNMENTS, Pattern
+from . import Variant, param_field, register
+
+CAUSAL_VALUES = (False, True, "bottom_right", "top_left")
+
+
+@dataclass(frozen=True)
+class CoreParams:
+    """Knobs of the dense core variants (every default is the plain softmax attention)."""
+
+    scale: Optional[float] = param_field(None, "score scale; default 1/sqrt(D)")
+    causal: Any = param_field(False, "False, True (uses alignment), 'bottom_right' or 'top_left'")
+    alignment: str = param_field("bottom_right", "diagonal offset s = Sk-Sq ('bottom_right') or 0 ('top_left')")
+    window: Optional[tuple] = param_field(None, "(left, right), -1 = unbounded; key j visible iff i+s-left <= j <= i+s+right")
+    mask: Any = param_field(None, "bool array broadcastable to (B, H, Sq, Sk), True = keep")
+    bias: Any = param_field(None, "additive float array broadcastable to (B, H, Sq, Sk)")
+    softcap: Optional[float] = param_field(None, "cap c: s = c * tanh(s / c), before bias and mask")
+    alibi_slopes: Any = param_field(None, "(Hq,) ALiBi slopes; bias -slope * |i + s - j|")
+    alibi_form: str = param_field("symmetric", "'symmetric' (-slope*|i+s-j|) or 'flash' (+slope*j, flash-attn's causal kernel)")
+    sinks: Any = param_field(None, "(Hq,) sink logits in the softmax denominator; LSE excludes them")
+    head_map: Any = param_field(None, "(Hq,) KV head of each query head; default h // (Hq // Hkv)")
+    dropout_p: float = param_field(0.0, "dropout probability in [0, 1)")
+    dropout_seed: Optional[int] = param_field(None, "Philox4x64-10 seed for the dropout mask")
+    dropout_mask: Any = param_field(None, "explicit bool keep-mask broadcastable to (B, H, Sq, Sk)")
+    return_lse: bool = param_field(False, "also return the log-sum-exp (B, Hq, Sq)")
+    layout: str = param_field("bhsd", "'bhsd' or 'bshd' for q, k, v and the output")
+    empty_row: str = param_field("zero", "rows with no visible key: 'zero' (LSE -inf) or 'nan'")
+    lse_base: Any = param_field(math.e, "e (natural log) or 2")
+    compute_dtype: str = param_field("float64", "float64; numba/cupy also take float32")
+
+
+@dataclass(frozen=True)
+class FlashParams(CoreParams):
+    block_q: int = param_field(64, "query tile size Br of the tiled reference")
+    block_k: int = param_field(64, "key tile size Bc of the tiled reference")
+
+
+@dataclass
+class Prepared:
+    """Validated inputs in ``bhsd`` layout and the compute dtype, plus the primitive records."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    head_map: np.ndarray
+    pattern: Pattern
+    scale: float
+    score_mod: Optional[ScoreMod]
+    sinks: Optional[np.ndarray]
+    dropout: Optional[Dropout]
+
+    def primitive_kwargs(self):
+        return dict(pattern=self.pattern, scale=self.scale, head_map=self.head_map,
+                    score_mod=self.score_mod, sinks=self.sinks, dropout=self.dropout)
+
+
+def _lse_base(value):
+    if value == 2 or value == "2":
+        return 2
+    if value in ("e",) or (isinstance(value, float) and value == math.e):
+        return math.e
+    raise ParameterError(f"lse_base: expected e (math.e or 'e') or 2, got {value!r}")
+
+
+def prepare(backend, arrays: dict, p: CoreParams, heads: Optional[str] = None) -> Prepared:
+    """Validate everything and build the primitive records (one place for every core variant)."""
+    V.check_choice(p.layout, "layout", V.LAYOUTS)
+    V.check_choice(p.compute_dtype, "compute_dtype", V.COMPUTE_DTYPES)
+    if p.compute_dtype not in backend.compute_dtypes:
+        raise ParameterError(f"compute_dtype: backend {backend.name!r} computes in "
+                             f"{', '.join(backend.compute_dtypes)}, got {p.compute_dtype!r}")
+    V.check_choice(p.alignment, "alignment", ALIGNMENTS)
+    V.check_choice(p.alibi_form, "alibi_form", ("symmetric", "flash"))
+    V.check_choice(p.empty_row, "empty_row", ("zero", "nan"))
+    _lse_base(p.lse_base)
+    if p.causal not in CAUSAL_VALUES or (p.causal is not True and p.causal is not False
+                                         and not isinstance(p.causal, str)):
+        raise ParameterError(f"causal: expected one of {CAUSAL_VALUES}, got {p.causal!r}")
+
+    q, k, v = (V.as_compute(arrays[n], n, p.compute_dtype) for n in ("q", "k", "v"))
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        V.check_rank4(a, name, p.layout, "Dv" if name == "v" else "D")
+    if p.layout == "bshd":
+        q, k, v = (np.ascontiguousarray(a.transpose(0, 2, 1, 3)) for a in (q, k, v))
+    V.check_qkv(q, k, v, p.layout)
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    if heads == "mha" and hkv != hq:
+        raise ShapeError(f"k: variant 'mha' expects as many KV heads as query heads ({hq}), got {hkv}")
+    if heads == "mqa" and hkv != 1:
+        raise ShapeError(f"k: variant 'mqa' expects 1 KV head, got {hkv}")
+    if heads in ("mha", "mqa") and p.head_map is not None:
+        raise ParameterError(f"head_map: variant {heads!r} fixes the head relation; use 'gqa' or 'sdpa'")
+    head_map = V.head_map_for(hq, hkv, p.head_map)
+
+    alignment = p.causal if isinstance(p.causal, str) else p.alignment
+    target = (b, hq, sq, sk)
+    dense = None if p.mask is None else V.check_broadcast(p.mask, "mask", target, kind="bool")
+    pattern = Pattern(causal=bool(p.causal), window=V.check_window(p.window), alignment=alignment,
+                      dense=dense)
+
+    softcap = V.check_positive(p.softcap, "softcap")
+    slopes = None if p.alibi_slopes is None else V.check_per_head(p.alibi_slopes, "alibi_slopes", hq)
+    bias = None if p.bias is None else V.check_broadcast(p.bias, "bias", target, dtype=p.compute_dtype)
+    score_mod = ScoreMod(softcap=softcap, alibi_slopes=slopes, alibi_form=p.alibi_form, bias=bias)
+    sinks = None if p.sinks is None else V.check_per_head(p.sinks, "sinks", hq)
+
+    drop_mask = None
+    if p.dropout_mask is not None:
+        drop_mask = V.check_broadcast(p.dropout_mask, "dropout_mask", target, kind="bool")
+    dp = V.check_dropout(p.dropout_p, p.dropout_seed, drop_mask)
+    dropout = None
+    if dp > 0 or drop_mask is not None:
+        dropout = Dropout(p=dp, seed=p.dropout_seed, mask=drop_mask)
+    return Prepared(q=q, k=k, v=v, head_map=head_map, pattern=pattern,
+                    scale=V.check_scale(p.scale, d),
+                    score_mod=None if score_mod.is_identity else score_mod, sinks=sinks,
+                    dropout=dropout)
+
+
+def finish(out, lse, p: CoreParams):
+    """Apply the output conventions: empty rows, LSE base, layout."""
+    if p.empty_row == "nan":
+        out = np.where(np.isneginf(lse)[..., None], np.nan, out)
+    if _lse_base(p.lse_base) == 2:
+        lse = lse / math.log(2.0)
+    if p.layout == "bshd":
+        out = out.transpose(0, 2, 1, 3)
+    return out, lse
+
+
+def to_layout(x, p: CoreParams):
+    return x.transpose(0, 2, 1, 3) if p.layout == "bshd" else x
+
+
+# -- forward / backward of sdpa and its head-relation aliases ---------------------------------------
+def _forward(heads):
+    def forward(backend, arrays, p):
+        pre = prepare(backend, arrays, p, heads)
+        out, lse = backend.attend(pre.q, pre.k, pre.v, **pre.primitive_kwargs())
+        return finish(backend.to_numpy(out), backend.to_numpy(lse), p)
+    return forward
+
+
+def _backward(heads):
+    def backward(backend, arrays, dout, p):
+        pre = prepare(backend, arrays, p, heads)
+        dout = V.as_compute(dout, "dout", p.compute_dtype)
+        dout = np.ascontiguousarray(to_layout(dout, p)) if dout.ndim == 4 else dout
+        want = pre.q.shape[:3] + (pre.v.shape[3],)
+        if dout.shape != want:
+            raise ShapeError(f"dout: expected the output's shape {to_layout(np.empty(want), p).shape}, "
+                             f"got {to_layout(dout, p).shape if dout.ndim == 4 else dout.shape}")
+        kw = pre.primitive_kwargs()
+        out, lse = backend.attend(pre.q, pre.k, pre.v, **kw)
+        dq, dk, dv, extras = backend.attend_backward(pre.q, pre.k, pre.v, out, lse, dout, **kw)
+        grads = [to_layout(backend.to_numpy(g), p) for g in (dq, dk, dv)]
+        extras = {n: backend.to_numpy(g) for n, g in extras.items()}
+        if "bias" in extras:  # back to the shape the caller passed
+            extras["bias"] = extras["bias"].reshape(np.shape(p.bias))
+        return (*grads, extras)
+    return backward
+
+
+# -- flash: the tiled online-softmax reference ----------------------------------------------------
+def flash_tiles(backend, pre: Prepared, block_q: int, block_k: int, stats: Optional[list] = None):
+    """FlashAttention's forward, tile by tile (VARIANTS A, *flash*). Returns ``(out, lse)``.
+
+    For each query tile, over key tiles ``t``: ``m_new = max(m, rowmax(S_t))``,
+    ``l = exp(m - m_new) * l + rowsum(exp(S_t - m_new))``,
+    ``O = exp(m - m_new) * O + exp(S_t - m_new) @ V_t``; finally ``O / l`` and ``lse = m + log l``.
+    The rescaling uses the *running* max ``m_new``, never the tile's own max. Masked pairs are
+    ``-inf``; a row whose running max is still ``-inf`` contributes nothing yet. If ``stats`` is a
+    list, ``(i0, j0, m, l)`` is appended after every tile, for teaching.
+    """
+    xp = backend.xp
+    q, k, v = pre.q, pre.k[:, pre.head_map], pre.v[:, pre.head_map]
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    out = xp.zeros((b, h, sq, v.shape[3]))
+    lse = xp.full((b, h, sq), -xp.inf)
+    for i0 in range(0, sq, block_q):
+        rows = slice(i0, min(sq, i0 + block_q))
+        m = xp.full((b, h, rows.stop - i0, 1), -xp.inf)
+        l = xp.zeros_like(m)
+        acc = xp.zeros((b, h, rows.stop - i0, v.shape[3]))
+        for j0 in range(0, sk, block_k):
+            cols = slice(j0, min(sk, j0 + block_k))
+            s = _tile_scores(xp, pre, q[:, :, rows], k[:, :, cols], rows, cols, sq, sk)
+            m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
+            m_safe = xp.where(xp.isfinite(m_new), m_new, 0.0)
+            alpha = xp.exp(m - m_safe)  # rescales what was accumulated under the old max
+            e = xp.exp(s - m_safe)
+            l = alpha * l + e.sum(axis=-1, keepdims=True)
+            if pre.dropout is not None:  # l (the normaliser) never sees dropout
+                keep = _dropout_tile(backend, pre.dropout, b, h, sq, sk, rows, cols)
+                e = xp.where(keep, e * pre.dropout.scale, 0.0)
+            acc = alpha * acc + e @ v[:, :, cols]
+            m = m_new
+            if stats is not None:
+                stats.append((i0, j0, m.copy(), l.copy()))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[:, :, rows] = xp.where(l > 0, acc / l, 0.0)
+            lse[:, :, rows] = (m + xp.log(l))[..., 0]
+    lse = xp.where(xp.isnan(lse), -xp.inf, lse)
+    if pre.sinks is not None:
+        out = out / (1.0 + xp.exp(pre.sinks[None, :, None] - lse))[..., None]
+    return out, lse
+
+
+def _tile_scores(xp, pre, q_t, k_t, rows, cols, sq, sk):
+    """Scores of one tile with the same modifications as the backends' ``attend``."""
+    s = pre.scale * (q_t @ xp.swapaxes(k_t, -1, -2))
+    sm = pre.score_mod
+    i = xp.arange(sq)[rows][:, None]
+    j = xp.arange(sk)[cols][None, :]
+    if sm is not None:
+        if sm.softcap is not None:
+            s = sm.softcap * xp.tanh(s / sm.softcap)
+        if sm.alibi_slopes is not None:
+            off = pre.pattern.band(sq, sk)[0]
+            slopes = sm.alibi_slopes[None, :, None, None]
+            s = s + slopes * j if sm.alibi_form == "flash" else s - slopes * xp.abs(i + off - j)
+        if sm.bias is not None:
+            bias = sm.bias if sm.bias.shape[2] == 1 else sm.bias[:, :, rows]
+            s = s + (bias if bias.shape[3] == 1 else bias[..., cols])
+    visible = pre.pattern.mask(sq, sk, rows)
+    visible = visible if visible.shape[3] == 1 else visible[..., cols]
+    return xp.where(visible, s, -xp.inf)
+
+
+def _dropout_tile(backend, dropout, b, h, sq, sk, rows, cols):
+    if dropout.mask is not None:
+        m = dropout.mask if dropout.mask.shape[2] == 1 else dropout.mask[:, :, rows]
+        return m if m.shape[3] == 1 else m[..., cols]
+    from refattn.dropout import keep_mask
+    return keep_mask(dropout.seed, dropout.p, b, h, sq, sk, rows)[..., cols]
+
+
+def _flash_forward(backend, arrays, p: FlashParams):
+    for name in ("block_q", "block_k"):
+        val = getattr(p, name)
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ParameterError(f"{name}: expected an integer >= 1, got {val!r}")
+    pre = prepare(backend, arrays, p)
+    out, lse = flash_tiles(backend, pre, p.block_q, p.block_k)
+    return finish(backend.to_numpy(out), backend.to_numpy(lse), p)
+
+
+def example(shape, rng, params=None):
+    """Random ``q, k, v`` for ``shape = (B, Hq, Sq, Sk, D, Hkv)`` in bhsd (the CLI and golden cases)."""
+    b, hq, sq, sk, d, hkv = shape
+    return {"q": rng.standard_normal((b, hq, sq, d)),
+            "k": rng.standard_normal((b, hkv, sk, d)),
+            "v": rng.standard_normal((b, hkv, sk, d))}
+
+
+_CITE_SDPA = "Vaswani et al., Attention Is All You Need, NeurIPS 2017"
+_COMMON = dict(family="core", backends=("numpy", "numba", "cupy"), tolerance=1e-12, example=example)
+
+register(Variant(
+    name="sdpa", doc="Scaled dot-product attention with every knob (causal, window, mask, bias, "
+    "softcap, ALiBi, sinks, dropout, GQA head maps); the definition every other variant reduces to.",
+    citation=_CITE_SDPA, params=CoreParams, forward=_forward(None), backward=_backward(None), **_COMMON))
+register(Variant(
+    name="mha", doc="Multi-head attention: sdpa with as many KV heads as query heads.",
+    citation=_CITE_SDPA, params=CoreParams, forward=_forward("mha"), backward=_backward("mha"), **_COMMON))
+register(Variant(
+    name="mqa", doc="Multi-query attention: sdpa with one KV head shared by every query head.",
+    citation="Shazeer, Fast Transformer Decoding: One Write-Head is All You Need, 2019",
+    params=CoreParams, forward=_forward("mqa"), backward=_backward("mqa"), **_COMMON))
+register(Variant(
+    name="gqa", doc="Grouped-query attention: query head h reads KV head h // (Hq // Hkv); "
+    "head_map= allows uneven groupings (QCQA).",
+    citation="Ainslie et al., GQA: Training Generalized Multi-Query Transformer Models, EMNLP 2023",
+    params=CoreParams, forward=_forward("gqa"), backward=_backward("gqa"), **_COMMON))
+register(Variant(
+    name="flash", doc="FlashAttention's tiled online-softmax forward spelled out (tiles block_q x "
+    "block_k, running max and sum); equals sdpa to float64 rounding. Backward as sdpa.",
+    citation="Dao et al., FlashAttention, NeurIPS 2022; Dao, FlashAttention-2, ICLR 2024",
+    params=FlashParams, forward=_flash_forward, backward=_backward(None), family="core",
+    backends=("numpy",), tolerance=1e-12, example=example))
