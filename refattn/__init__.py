@@ -26,31 +26,51 @@ def _resolve(variant: str, backend: str, params: dict):
 
     var = variants.get(variant)
     p = var.parse_params(params)
+    # unknown or not installed: the registry's error names what is installed and how to install
+    be = backends.get(backend)
     if backend not in var.backends:
         raise BackendUnavailable(
-            f"backend: variant {var.name!r} runs on {', '.join(var.backends)}, got {backend!r}")
-    return var, backends.get(backend), p
+            f"backend: expected one of {', '.join(var.backends)} for variant {var.name!r}, "
+            f"got {backend!r} (installed: {', '.join(backends.available())})")
+    return var, be, p
 
 
-def attention(q, k, v, *, variant: str = "sdpa", backend: str = "numpy", **params):
+def attention(q, k, v, *, variant: str = "sdpa", backend: str = "numpy", cu_seqlens_q=None,
+              cu_seqlens_k=None, **params):
     """Attention output of ``variant`` on ``backend``: ``out``, or ``(out, lse)`` with ``return_lse``.
 
     ``q (B, Hq, Sq, D)``, ``k (B, Hkv, Sk, D)``, ``v (B, Hkv, Sk, Dv)`` in the default ``bhsd``
     layout. ``params`` are the variant's knobs (``refattn list`` shows them); unknown names,
     wrong shapes and out-of-range values raise :class:`refattn.errors.RefattnError` subclasses
     naming the argument. An unsupported backend is an error, never a silent fallback.
+
+    Packed variable-length batches (flash-attn's varlen API): pass ``cu_seqlens_q`` and
+    ``cu_seqlens_k`` (offsets ``(B + 1,)``) with ``q (total_q, Hq, D)``, ``k``/``v``
+    ``(total_k, Hkv, D|Dv)``; each sequence is attended on its own, the output is
+    ``(total_q, Hq, Dv)`` and the LSE ``(Hq, total_q)`` (see :mod:`refattn.adapters`).
     """
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        from .adapters import varlen_attention
+        return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, variant=variant,
+                                backend=backend, **params)
     var, be, p = _resolve(variant, backend, params)
     out, lse = var.forward(be, {"q": q, "k": k, "v": v}, p)
     return (out, lse) if getattr(p, "return_lse", False) else out
 
 
-def attention_backward(q, k, v, dout, *, variant: str = "sdpa", backend: str = "numpy", **params):
+def attention_backward(q, k, v, dout, *, variant: str = "sdpa", backend: str = "numpy",
+                       cu_seqlens_q=None, cu_seqlens_k=None, **params):
     """Gradients of :func:`attention` for upstream gradient ``dout``: ``(dq, dk, dv, extras)``.
 
     ``extras`` is a dict of gradients of learnable extras: ``"bias"`` (in the bias's own shape) and
-    ``"sinks"``; empty when there are none. ``return_lse`` is ignored here.
+    ``"sinks"``; empty when there are none. ``return_lse`` is ignored here. Packed batches take
+    ``cu_seqlens_q``/``cu_seqlens_k`` as :func:`attention` does (``extras`` is then empty).
     """
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        from .adapters import varlen_attention
+        params.pop("return_lse", None)
+        return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, variant=variant,
+                                backend=backend, dout=dout, **params)
     var, be, p = _resolve(variant, backend, params)
     if var.backward is None:
         raise BackendUnavailable(f"variant: {var.name!r} has no backward")

@@ -10,8 +10,10 @@ The keep-mask of one attention call is a pure function of ``(seed, b, h, i, j)``
 
 The generator is written out here with numpy ``uint64`` arithmetic so it can be read and
 re-implemented (numba and CUDA do the same steps). It equals ``numpy.random.Philox``:
-``Philox(key=[seed, b*Hq + h], counter=(c - 1) % 2**256).random_raw(4)`` is the block for counter
-``c`` (numpy increments its counter before generating); ``tests/test_dropout.py`` pins this.
+``Philox(key=np.array([seed, b*Hq + h], dtype=np.uint64), counter=(c - 1) % 2**256).random_raw(4)``
+is the block for counter ``c`` (numpy increments its counter before generating; pass the key as a
+uint64 array: numpy converts a list holding a word >= 2**63 through float64);
+``tests/test_dropout.py`` pins this.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def check_qkv(q, k, v, layout: str):
         raise ShapeError(f"k, v: expected batch {q.shape[0]} as in q, got {k.shape[0]} and {v.shape[0]}")
     if q.shape[3] != k.shape[3]:
         raise ShapeError(f"k: expected head dim {q.shape[3]} as in q, got {k.shape[3]} "
-                         f"(k shape {fmt_shape(k.shape)})")
+                         f"(k shape {fmt_shape(_in_layout(k.shape, layout))} in layout {layout!r})")
     if k.shape[1] != v.shape[1]:
         raise ShapeError(f"v: expected {k.shape[1]} heads as in k, got {v.shape[1]}")
     if k.shape[2] != v.shape[2]:
@@ -84,6 +84,12 @@ def check_qkv(q, k, v, layout: str):
         if not np.all(np.isfinite(a)):
             raise ParameterError(f"{name}: expected finite values, got {np.sum(~np.isfinite(a))} "
                                  f"NaN/Inf entries")
+
+
+def _in_layout(shape_bhsd, layout: str):
+    """A ``bhsd`` shape as the caller passed it (``bshd`` swaps heads and sequence)."""
+    b, h, s, d = shape_bhsd
+    return (b, s, h, d) if layout == "bshd" else (b, h, s, d)
 
 
 def head_map_for(hq: int, hkv: int, head_map=None) -> np.ndarray:
@@ -179,8 +185,10 @@ def check_dropout(p, seed, mask):
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 64:
             raise ParameterError(f"dropout_seed: expected an integer in [0, 2**64), got {seed!r}")
         if p == 0:
-            raise ParameterError("dropout_seed: given with dropout_p=0; set dropout_p in (0, 1)")
+            raise ParameterError("dropout_seed: expected dropout_p in (0, 1) with a seed, "
+                                 "got dropout_p=0")
     elif p > 0 and mask is None:
-        raise ParameterError(f"dropout_p: {p} needs dropout_seed= (Philox) or dropout_mask=; "
-                             f"refattn draws no hidden randomness")
+        raise ParameterError(f"dropout_p: expected dropout_seed= (Philox) or dropout_mask= with "
+                             f"dropout_p > 0 (refattn draws no hidden randomness), got "
+                             f"dropout_p={p} and neither")
     return float(p)
