@@ -26,6 +26,7 @@ Conventions (all tested; see also :mod:`refattn.patterns`)
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -109,8 +110,8 @@ def prepare(backend, arrays: dict, p: CoreParams, heads: Optional[str] = None) -
     V.check_choice(p.alibi_form, "alibi_form", ("symmetric", "flash"))
     V.check_choice(p.empty_row, "empty_row", ("zero", "nan"))
     _lse_base(p.lse_base)
-    if p.causal not in CAUSAL_VALUES or (p.causal is not True and p.causal is not False
-                                         and not isinstance(p.causal, str)):
+    if not (isinstance(p.causal, (bool, np.bool_)) or (isinstance(p.causal, str)
+                                                       and p.causal in ALIGNMENTS)):
         raise ParameterError(f"causal: expected one of {CAUSAL_VALUES}, got {p.causal!r}")
 
     q, k, v = (V.as_compute(arrays[n], n, p.compute_dtype) for n in ("q", "k", "v"))
@@ -122,11 +123,13 @@ def prepare(backend, arrays: dict, p: CoreParams, heads: Optional[str] = None) -
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     if heads == "mha" and hkv != hq:
-        raise ShapeError(f"k: variant 'mha' expects as many KV heads as query heads ({hq}), got {hkv}")
+        raise ShapeError(f"k: expected as many KV heads as query heads ({hq}) for variant 'mha', "
+                         f"got {hkv}")
     if heads == "mqa" and hkv != 1:
-        raise ShapeError(f"k: variant 'mqa' expects 1 KV head, got {hkv}")
+        raise ShapeError(f"k: expected 1 KV head for variant 'mqa', got {hkv}")
     if heads in ("mha", "mqa") and p.head_map is not None:
-        raise ParameterError(f"head_map: variant {heads!r} fixes the head relation; use 'gqa' or 'sdpa'")
+        raise ParameterError(f"head_map: expected None for variant {heads!r}, which fixes the head "
+                             f"relation (use 'gqa' or 'sdpa'), got {p.head_map!r}")
     head_map = V.head_map_for(hq, hkv, p.head_map)
 
     alignment = p.causal if isinstance(p.causal, str) else p.alignment
@@ -276,23 +279,27 @@ def _dropout_tile(backend, dropout, b, h, sq, sk, rows, cols):
 def _flash_forward(backend, arrays, p: FlashParams):
     for name in ("block_q", "block_k"):
         val = getattr(p, name)
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+        if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < 1:
             raise ParameterError(f"{name}: expected an integer >= 1, got {val!r}")
     pre = prepare(backend, arrays, p)
-    out, lse = flash_tiles(backend, pre, p.block_q, p.block_k)
+    out, lse = flash_tiles(backend, pre, int(p.block_q), int(p.block_k))
     return finish(backend.to_numpy(out), backend.to_numpy(lse), p)
 
 
 def example(shape, rng, params=None):
-    """Random ``q, k, v`` for ``shape = (B, Hq, Sq, Sk, D, Hkv)`` in bhsd (the CLI and golden cases)."""
+    """Random ``q, k, v`` for ``shape = (B, Hq, Sq, Sk, D, Hkv)`` (the CLI and golden cases), in
+    the layout of ``params`` (the parsed dataclass): bhsd, or bshd with ``layout="bshd"``."""
     b, hq, sq, sk, d, hkv = shape
-    return {"q": rng.standard_normal((b, hq, sq, d)),
-            "k": rng.standard_normal((b, hkv, sk, d)),
-            "v": rng.standard_normal((b, hkv, sk, d))}
+    arrays = {"q": rng.standard_normal((b, hq, sq, d)),
+              "k": rng.standard_normal((b, hkv, sk, d)),
+              "v": rng.standard_normal((b, hkv, sk, d))}
+    if getattr(params, "layout", "bhsd") == "bshd":
+        arrays = {n: np.ascontiguousarray(a.transpose(0, 2, 1, 3)) for n, a in arrays.items()}
+    return arrays
 
 
 _CITE_SDPA = "Vaswani et al., Attention Is All You Need, NeurIPS 2017"
-_COMMON = dict(family="core", backends=("numpy", "numba", "cupy"), tolerance=1e-12, example=example)
+_COMMON = dict(family="core", backends=("numpy", "numba"), tolerance=1e-12, example=example)
 
 register(Variant(
     name="sdpa", doc="Scaled dot-product attention with every knob (causal, window, mask, bias, "
