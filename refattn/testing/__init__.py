@@ -1,0 +1,101 @@
+"""Testing helpers for *your* attention implementation, for use in your own test suite.
+
+>>> from refattn.testing import assert_attention_close, strategies as st   # doctest: +SKIP
+>>> @given(st.attention_inputs(variant="gqa", max_seq=256))                 # doctest: +SKIP
+... def test_my_kernel(case):
+...     assert_attention_close(my_attn(**case.kwargs), variant="gqa", dtype="bf16", **case.kwargs)
+
+:func:`assert_attention_close` computes the float64 reference and the same-precision baseline of
+the case (:mod:`refattn.numerics`) and applies the verdict rule
+``max|impl - ref64| <= factor * max|baseline - ref64| + atol(dtype)`` to every output given; on
+failure it raises ``AssertionError`` with the metrics table and where the errors cluster
+(:mod:`refattn.report`). :mod:`refattn.testing.strategies` holds the public Hypothesis strategies
+(importing this package does not import Hypothesis).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .. import numerics
+from ..errors import ParameterError
+
+__all__ = ["assert_attention_close", "check_attention"]
+
+
+def _as_outputs(actual) -> dict:
+    if isinstance(actual, dict):
+        unknown = sorted(set(actual) - set(numerics.OUTPUT_NAMES) - {"dout"})
+        if unknown:
+            raise ParameterError(f"actual: unknown output {unknown[0]!r}; expected keys among "
+                                 f"{', '.join(numerics.OUTPUT_NAMES)}")
+        return dict(actual)
+    if isinstance(actual, (tuple, list)):
+        if len(actual) not in (1, 2):
+            raise ParameterError(f"actual: expected out or (out, lse), got a sequence of "
+                                 f"{len(actual)} items")
+        return dict(zip(("out", "lse"), actual))
+    return {"out": actual}
+
+
+def check_attention(actual, *, variant: str = "sdpa", dtype="bf16", factor: Optional[float] = None,
+                    atol: Optional[float] = None, baseline: str = "same_precision",
+                    backend: str = "numpy", dout=None, analyse: Optional[bool] = None,
+                    **case) -> dict:
+    """What :func:`assert_attention_close` decides, without raising.
+
+    Returns :func:`refattn.numerics.compare_all`'s result plus ``"message"`` (the table and the
+    account of where errors cluster) and ``"analysis"`` (:func:`refattn.report.analyse` of the
+    output, or None). The analysis runs when the output fails, or always with ``analyse=True``
+    (then with the heat map, for :func:`refattn.report.write`); ``analyse=False`` skips it. This
+    is the whole of ``refattn compare --impl/--outputs`` short of loading and printing.
+    """
+    outputs = _as_outputs(actual)
+    saved_dout = outputs.pop("dout", None)  # as refattn.npzio.load_outputs returns it
+    dout = saved_dout if dout is None else dout
+    needs_grad = any(n in outputs for n in ("dq", "dk", "dv"))
+    if needs_grad and dout is None:
+        raise ParameterError("dout: gradients dq/dk/dv were given; pass the dout they belong to")
+    ref = numerics.reference(case, variant=variant, backend=backend,
+                             dout=dout if needs_grad else None)
+    base = numerics.baseline(case, variant=variant, dtype=dtype, mode=baseline,
+                             dout=dout if needs_grad else None)
+    missing = [n for n in outputs if n not in ref]
+    if missing:
+        raise ParameterError(f"actual: variant {variant!r} gives no {missing[0]!r} to compare with")
+    res = numerics.compare_all(outputs, ref, base, dtype=dtype, factor=factor, atol=atol,
+                               variant=variant)
+    lines = [f"{res['verdict']}: {variant} against float64, {numerics.SHORT[numerics.canonical(dtype)]}"
+             f" baseline ({baseline})", numerics.format_table(res["results"])]
+    out_res = res["results"].get("out")
+    res["analysis"] = None
+    failed = out_res is not None and out_res["verdict"] == "FAIL"
+    if out_res is not None and (analyse or (analyse is None and failed)):
+        from .. import report
+        an = report.analyse(outputs["out"], ref["out"], out_res["allowed"], case=case,
+                            variant=variant, heat=bool(analyse))
+        res["analysis"] = an
+        if failed:
+            lines += [report.worst_line(an["worst"])] + an["lines"]
+    res["message"] = "\n".join(lines)
+    return res
+
+
+def assert_attention_close(actual, *, variant: str = "sdpa", dtype="bf16",
+                           factor: Optional[float] = None, atol: Optional[float] = None,
+                           baseline: str = "same_precision", backend: str = "numpy", dout=None,
+                           **case):
+    """Assert that ``actual`` is as close to the reference as its precision explains.
+
+    ``actual``: the output, ``(out, lse)``, or a dict with any of ``out, lse, dq, dk, dv``
+    (gradients need ``dout=``, or a ``"dout"`` entry in the dict, as
+    :func:`refattn.npzio.load_outputs` returns it). ``case``: ``q, k, v`` and the variant's parameters -- exactly the
+    keyword arguments given to the implementation (a strategy case's ``.kwargs``). ``dtype`` is the
+    precision the implementation computes in; ``factor``/``atol`` override the verdict rule's
+    defaults; ``baseline="inputs_only"`` selects the weaker baseline. Raises ``AssertionError``
+    with the metrics table on failure.
+    """
+    res = check_attention(actual, variant=variant, dtype=dtype, factor=factor, atol=atol,
+                          baseline=baseline, backend=backend, dout=dout, analyse=None, **case)
+    if res["verdict"] != "PASS":
+        raise AssertionError("\n" + res["message"])
