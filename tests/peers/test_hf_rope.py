@@ -162,3 +162,18 @@ def test_apply_gptj_float64(rotary_dim):
     expect = torch.cat([rot, x_bshd[..., r:]], dim=-1).numpy().transpose(0, 2, 1, 3)
     ours = rope(x, positions, rotary_dim=rotary_dim, style="gptj")
     np.testing.assert_allclose(ours, expect, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dim, padding_idx", [(16, 1), (15, 0), (32, None)])
+def test_fairseq_sinusoidal_matches_hf_m2m100(dim, padding_idx):
+    """HF's fairseq port builds the table in float32: angles up to 63 carry ~63 * 6e-8 of rounding,
+    so the comparison allows 1e-5 absolute (sin/cos are bounded by 1)."""
+    from transformers.models.m2m_100.modeling_m2m_100 import M2M100SinusoidalPositionalEmbedding
+
+    from refattn.position import sinusoidal
+
+    hf = M2M100SinusoidalPositionalEmbedding.get_embedding(64, dim, padding_idx).double().numpy()
+    ours = sinusoidal(64, dim, freq="fairseq", order="concat", padding_idx=padding_idx)
+    np.testing.assert_allclose(ours, hf, rtol=0, atol=1e-5)
+    if padding_idx is not None:
+        assert not ours[padding_idx].any()

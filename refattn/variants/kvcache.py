@@ -1,0 +1,454 @@
+"""Serving variants: ``decode``, ``paged``, ``mla``, ``cascade``, ``ring``, ``expected_attention``
+(VARIANTS section C). Each gathers or projects with readable glue from :mod:`refattn.kvcache` and
+then calls the backend's ``attend`` (and ``merge_states``), so every backend with those runs them.
+
+* ``decode``: sdpa where the ``Sq`` queries are the last tokens of each sequence; ``cache_seqlens
+  (B,)`` (default all ``Sk``) gives each sequence's cached length. Causal by default.
+* ``paged``: the same over KV stored in pages ``(num_blocks, block_size, Hkv, D)`` addressed by a
+  ``block_table (B, max_blocks)`` and ``seq_lens (B,)``; equals ``decode`` on the gathered cache.
+* ``mla``: DeepSeek's Multi-head Latent Attention from ``hidden (B, Sk, d_model)`` and the weights;
+  ``form="naive"`` expands per-head K/V, ``form="absorbed"`` attends in the latent space. Equal.
+* ``cascade``: a prefix ``prefix_k/prefix_v (Hkv, Sp, D)`` shared by every request, plus per-request
+  suffixes ``k, v``; attention over each part merged with ``merge_states`` equals attention over
+  ``[prefix; suffix]`` (prefix fully visible, suffix bottom-right causal).
+* ``ring``: ``num_devices`` simulated devices passing KV shards around a ring (zig-zag sharding).
+* ``expected_attention``: attention after dropping the keys with the lowest expected attention under
+  Gaussian future queries ``N(mu, cov)`` per query head (kvpress's scoring: softmax over keys, mean
+  over the group, optional ``||v||`` weighting, sink tokens and RoPE averaging).
+
+All return the LSE over the keys actually attended (``(B, Hq, Sq)``, natural log).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from .. import kvcache as KV
+from .. import position as P
+from .. import validate as V
+from ..errors import ParameterError, ShapeError, fmt_shape
+from ..patterns import Pattern
+from refattn.backends.base import ScoreMod
+from . import Variant, param_field, register
+from .core import CoreParams, example as core_example, prepare, to_layout
+from .position import (attend_finish, backward_prepared, rope_positions, to_caller,
+                       user_bias_grad)
+
+_BACKENDS = ("numpy", "numba")
+
+
+def _attend(backend, q, k, v, *, pattern, scale, head_map):
+    out, lse = backend.attend(backend.asarray(q), backend.asarray(k), backend.asarray(v),
+                              pattern=pattern, scale=scale, head_map=head_map)
+    return backend.to_numpy(out), backend.to_numpy(lse)
+
+
+def _qkv(arrays, names=("q", "k", "v")):
+    q, k, v = (V.as_compute(arrays[n], n) for n in names)
+    for n, a in zip(names, (q, k, v)):
+        V.check_rank4(a, n, "bhsd", "Dv" if n == names[2] else "D")
+    V.check_qkv(q, k, v, "bhsd")
+    return q, k, v
+
+
+def _causal_alignment(p):
+    """``(causal, alignment)`` from ``p.causal`` (False, True, 'bottom_right', 'top_left') and ``p.alignment``."""
+    V.check_choice(p.alignment, "alignment", ("bottom_right", "top_left"))
+    if not (isinstance(p.causal, bool) or p.causal in ("bottom_right", "top_left")):
+        raise ParameterError(f"causal: expected False, True, 'bottom_right' or 'top_left', got {p.causal!r}")
+    return bool(p.causal), (p.causal if isinstance(p.causal, str) else p.alignment)
+
+
+def _bool(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise ParameterError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
+# -- decode / paged ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DecodeParams(CoreParams):
+    causal: Any = param_field(True, "queries see keys up to their own position (bottom-right)")
+    sliding_window: Optional[int] = param_field(None, "vLLM-style window of W tokens = window (W-1, 0)")
+    cache_seqlens: Any = param_field(None, "(B,) cached length of each sequence, in [Sq, Sk]; default Sk")
+
+
+def _decode_prepare(backend, arrays, p, seq_lens, name="cache_seqlens"):
+    if p.alignment != "bottom_right" or p.causal == "top_left":
+        raise ParameterError("alignment: decoding is bottom-right (queries are the last tokens), "
+                             f"got {p.causal if p.causal == 'top_left' else p.alignment!r}")
+    _causal_alignment(p)
+    window = V.check_window(p.window)
+    if p.sliding_window is not None:
+        w = p.sliding_window
+        if window is not None:
+            raise ParameterError("sliding_window: given together with window=; give one")
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ParameterError(f"sliding_window: expected an integer >= 1 (tokens, self included), got {w!r}")
+        window = (w - 1, 0)
+    pre = prepare(backend, arrays, dataclasses.replace(p, causal=False, window=None))
+    b, sq, sk = pre.q.shape[0], pre.q.shape[2], pre.k.shape[2]
+    lens = np.full(b, sk) if seq_lens is None else KV.int_array(seq_lens, name, (b,))
+    keep = KV.decode_mask(lens, sq, sk, causal=bool(p.causal), window=window, name=name)
+    if pre.pattern.dense is not None:
+        keep = keep & pre.pattern.dense
+    pre = dataclasses.replace(pre, pattern=Pattern(dense=keep))
+    sm = pre.score_mod
+    if sm is not None and sm.alibi_slopes is not None and sm.alibi_form == "symmetric":
+        # ALiBi distances are to each sequence's own query position L_b - Sq + i, not Sk - Sq + i
+        pos = (lens[:, None] - sq + np.arange(sq)[None, :])[:, None, :, None]
+        alibi = -sm.alibi_slopes[None, :, None, None] * np.abs(pos - np.arange(sk))
+        pre = dataclasses.replace(pre, score_mod=ScoreMod(
+            softcap=sm.softcap, bias=alibi if sm.bias is None else sm.bias + alibi))
+    return pre
+
+
+def _decode(backend, arrays, p, seq_lens, name="cache_seqlens"):
+    return attend_finish(backend, _decode_prepare(backend, arrays, p, seq_lens, name), p)
+
+
+def _decode_grads(backend, arrays, dout, p, seq_lens, name="cache_seqlens"):
+    """``(dq, dk, dv, extras)`` in ``bhsd``; ``extras`` has ``bias`` (caller's shape) and ``sinks``."""
+    pre = _decode_prepare(backend, arrays, p, seq_lens, name)
+    dq, dk, dv, extras = backward_prepared(backend, pre, dout, p)
+    _, extras = user_bias_grad(extras, p)
+    return dq, dk, dv, extras
+
+
+def _decode_forward(backend, arrays, p: DecodeParams):
+    return _decode(backend, arrays, p, p.cache_seqlens)
+
+
+def _decode_backward(backend, arrays, dout, p: DecodeParams):
+    dq, dk, dv, extras = _decode_grads(backend, arrays, dout, p, p.cache_seqlens)
+    return (*to_caller((dq, dk, dv), p), extras)
+
+
+register(Variant(
+    name="decode", family="kvcache",
+    doc="Decode against a KV cache: the Sq queries are the last tokens of each sequence (cache_seqlens "
+    "per batch entry), bottom-right causal, optional sliding window; equals the last rows of causal sdpa.",
+    citation="Pope et al., Efficiently Scaling Transformer Inference, MLSys 2023",
+    params=DecodeParams, forward=_decode_forward, backward=_decode_backward, backends=_BACKENDS,
+    example=core_example))
+
+
+@dataclass(frozen=True)
+class PagedParams(DecodeParams):
+    cache_seqlens: Any = param_field(None, "not used by 'paged': the lengths are the input seq_lens")
+    block_size: int = param_field(4, "tokens per page (the example builds pages of this size)")
+
+
+def _block_size(p) -> int:
+    bs = getattr(p, "block_size", 4)
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ParameterError(f"block_size: expected an integer >= 1 (tokens per page), got {bs!r}")
+    return bs
+
+
+def _paged_inputs(arrays, p: PagedParams):
+    if p.cache_seqlens is not None:
+        raise ParameterError("cache_seqlens: 'paged' takes the lengths from the input seq_lens")
+    _block_size(p)
+    kp, vp = (V.as_compute(arrays[n], n) for n in ("k_pages", "v_pages"))
+    for n, a in (("k_pages", kp), ("v_pages", vp)):
+        if a.ndim != 4 or a.shape[1] != p.block_size:
+            raise ShapeError(f"{n}: expected (num_blocks, block_size={p.block_size}, Hkv, D), "
+                             f"got {fmt_shape(a.shape)}")
+    if kp.shape[:3] != vp.shape[:3]:
+        raise ShapeError(f"v_pages: expected {fmt_shape(kp.shape[:3])} + (Dv,) as k_pages, "
+                         f"got {fmt_shape(vp.shape)}")
+    k = KV.gather_paged(kp, arrays["block_table"], arrays["seq_lens"])
+    v = KV.gather_paged(vp, arrays["block_table"], arrays["seq_lens"])
+    if p.layout == "bshd":
+        k, v = (np.ascontiguousarray(a.transpose(0, 2, 1, 3)) for a in (k, v))
+    return {"q": arrays["q"], "k": k, "v": v}, kp.shape, vp.shape
+
+
+def _paged_forward(backend, arrays, p: PagedParams):
+    return _decode(backend, _paged_inputs(arrays, p)[0], p, arrays["seq_lens"], "seq_lens")
+
+
+def _paged_backward(backend, arrays, dout, p: PagedParams):
+    """``(dq, dk_pages, dv_pages, extras)``: K/V gradients scattered back into page-shaped arrays
+    (rows no sequence uses get 0)."""
+    gathered, k_shape, v_shape = _paged_inputs(arrays, p)
+    dq, dk, dv, extras = _decode_grads(backend, gathered, dout, p, arrays["seq_lens"], "seq_lens")
+    table, lens = KV.validate_block_table(arrays["block_table"], arrays["seq_lens"], k_shape[0], k_shape[1])
+    return (to_layout(dq, p), KV.scatter_paged(dk, table, lens, k_shape),
+            KV.scatter_paged(dv, table, lens, v_shape), extras)
+
+
+def _paged_example(shape, rng, params):
+    """Pages for random lengths in ``[Sq, Sk]``, scattered over a shuffled pool with spare pages."""
+    b, hq, sq, sk, d, hkv = shape
+    bs = _block_size(params)
+    if sq > sk:
+        raise ShapeError(f"shape: expected Sq <= Sk (the queries are the last Sq tokens of each "
+                         f"sequence), got Sq={sq} > Sk={sk}")
+    q = core_example(shape, rng, params)["q"]
+    lens = rng.integers(sq, sk + 1, size=b)
+    lens[0] = sk  # the longest sequence fills the cache
+    needed = -(-lens // bs)
+    nblocks = int(needed.sum()) + 2
+    perm = rng.permutation(nblocks)
+    table = np.full((b, int(needed.max()) + 1), -1, dtype=np.int64)  # -1: unused padding
+    start = 0
+    for i, n in enumerate(needed):
+        table[i, :n] = perm[start:start + n]
+        start += n
+    return {"q": q, "k_pages": rng.standard_normal((nblocks, bs, hkv, d)),
+            "v_pages": rng.standard_normal((nblocks, bs, hkv, d)), "block_table": table, "seq_lens": lens}
+
+
+register(Variant(
+    name="paged", family="kvcache",
+    doc="Paged KV (vLLM): pages (num_blocks, block_size, Hkv, D), block_table (B, max_blocks), "
+    "seq_lens (B,); equals decode over the gathered contiguous cache. Bad tables are errors.",
+    citation="Kwon et al., Efficient Memory Management for LLM Serving with PagedAttention, SOSP 2023",
+    params=PagedParams, forward=_paged_forward, backward=_paged_backward, backends=_BACKENDS,
+    inputs=("q", "k_pages", "v_pages", "block_table", "seq_lens"), example=_paged_example))
+
+
+# -- MLA --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MLAParams:
+    form: str = param_field("absorbed", "'naive' (expand per-head K/V) or 'absorbed' (attend in latent space)")
+    scale: Optional[float] = param_field(None, "score scale; default 1/sqrt(d_nope + d_rope)")
+    causal: Any = param_field(False, "False, True, 'bottom_right' or 'top_left'")
+    alignment: str = param_field("bottom_right", "diagonal offset s = Sk-Sq ('bottom_right') or 0")
+    base: Optional[float] = param_field(None, "RoPE base of the decoupled rope part; default 10000")
+    style: str = param_field("neox", "RoPE pairing of the rope part: 'neox' or 'gptj'")
+    q_positions: Any = param_field(None, "(Sq,) query positions; default i + s")
+    k_positions: Any = param_field(None, "(Sk,) key positions; default 0 .. Sk-1")
+    return_lse: bool = param_field(False, "also return the log-sum-exp (B, Hq, Sq)")
+
+
+def mla(backend, arrays, p: MLAParams):
+    """MLA forward: ``(out (B, H, Sq, d_v), lse)`` in the form ``p.form``."""
+    V.check_choice(p.form, "form", ("naive", "absorbed"))
+    causal, alignment = _causal_alignment(p)
+    c, k_nope, v, k_rope = KV.mla_project(arrays["hidden"], arrays["w_dkv"], arrays["w_uk"],
+                                          arrays["w_uv"], arrays["w_kr"])
+    q = V.as_compute(arrays["q"], "q")
+    b, sk, dc = c.shape
+    h, d_nope, d_rope = k_nope.shape[1], k_nope.shape[3], k_rope.shape[2]
+    if q.ndim != 4 or q.shape[0] != b or q.shape[1] != h or q.shape[3] != d_nope + d_rope:
+        raise ShapeError(f"q: expected ({b}, {h}, Sq, {d_nope + d_rope}) = (B, H, Sq, d_nope + d_rope), "
+                         f"got {fmt_shape(q.shape)}")
+    sq = q.shape[2]
+    qp, kp = rope_positions(p, sq, sk)
+    q_nope = q[..., :d_nope]
+    q_rope = P.rope(q[..., d_nope:], qp, base=p.base, style=p.style)
+    k_rope = P.rope(k_rope[:, None], kp, base=p.base, style=p.style)  # (B, 1, Sk, d_rope): one for all heads
+    scale = V.check_scale(p.scale, d_nope + d_rope)
+    pattern = Pattern(causal=causal, alignment=alignment)
+    if p.form == "naive":
+        k = np.concatenate([k_nope, np.broadcast_to(k_rope, (b, h, sk, d_rope))], axis=-1)
+        qf = np.concatenate([q_nope, q_rope], axis=-1)
+        return _attend(backend, qf, k, v, pattern=pattern, scale=scale, head_map=np.arange(h))
+    w_uk = V.as_compute(arrays["w_uk"], "w_uk")
+    w_uv = V.as_compute(arrays["w_uv"], "w_uv")
+    q_lat = np.einsum("bhqn,hcn->bhqc", q_nope, w_uk)  # q_nope·(W_UK c) = (W_UK^T q_nope)·c
+    qf = np.concatenate([q_lat, q_rope], axis=-1)
+    kf = np.concatenate([c[:, None], k_rope], axis=-1)  # (B, 1, Sk, d_c + d_rope): the cache itself
+    o_lat, lse = _attend(backend, qf, kf, c[:, None], pattern=pattern, scale=scale,
+                         head_map=np.zeros(h, dtype=np.intp))
+    return np.einsum("bhqc,hcv->bhqv", o_lat, w_uv), lse
+
+
+def _mla_example(shape, rng, params):
+    """Weights scaled by 1/sqrt(fan_in); ``D = d_nope + d_rope`` with ``d_rope = 2 * max(1, D // 8)``."""
+    b, hq, sq, sk, d, hkv = shape
+    d_rope = 2 * max(1, d // 8)
+    d_nope, d_c, d_model = max(1, d - d_rope), max(4, d // 2), 2 * d
+    return {"q": rng.standard_normal((b, hq, sq, d_nope + d_rope)),
+            "hidden": rng.standard_normal((b, sk, d_model)),
+            "w_dkv": rng.standard_normal((d_model, d_c)) / np.sqrt(d_model),
+            "w_uk": rng.standard_normal((hq, d_c, d_nope)) / np.sqrt(d_c),
+            "w_uv": rng.standard_normal((hq, d_c, d)) / np.sqrt(d_c),
+            "w_kr": rng.standard_normal((d_model, d_rope)) / np.sqrt(d_model)}
+
+
+register(Variant(
+    name="mla", family="kvcache",
+    doc="Multi-head Latent Attention (DeepSeek-V2/V3): latent c = h W_DKV, per-head K/V up-projected, "
+    "a decoupled RoPE key shared by all heads; naive and absorbed forms agree; see "
+    "refattn.kvcache.mla_cache_bytes for the cache size of each.",
+    citation="DeepSeek-AI, DeepSeek-V2: A Strong, Economical, and Efficient Mixture-of-Experts "
+    "Language Model, 2024", params=MLAParams, forward=mla, backends=_BACKENDS,
+    inputs=("q", "hidden", "w_dkv", "w_uk", "w_uv", "w_kr"), example=_mla_example))
+
+
+# -- cascade ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CascadeParams:
+    causal: bool = param_field(True, "suffix keys bottom-right causal (the prefix is always fully visible)")
+    scale: Optional[float] = param_field(None, "score scale; default 1/sqrt(D)")
+    head_map: Any = param_field(None, "(Hq,) KV head of each query head; default h // (Hq // Hkv)")
+    return_lse: bool = param_field(False, "also return the log-sum-exp (B, Hq, Sq)")
+
+
+def _cascade_parts(arrays, p: CascadeParams):
+    """Validated ``(q, parts, scale, head_map)``; ``parts`` = [(k, v, pattern)] for prefix and suffix."""
+    causal = _bool(p.causal, "causal")
+    q, k, v = _qkv(arrays)
+    pk, pv = V.as_compute(arrays["prefix_k"], "prefix_k"), V.as_compute(arrays["prefix_v"], "prefix_v")
+    b, hq, sq, d = q.shape
+    hkv, ss = k.shape[1], k.shape[2]
+    if pk.ndim != 3 or pk.shape[0] != hkv or pk.shape[2] != d:
+        raise ShapeError(f"prefix_k: expected ({hkv}, Sp, {d}) = (Hkv, Sp, D), got {fmt_shape(pk.shape)}")
+    if pv.shape != pk.shape[:2] + (v.shape[3],):
+        raise ShapeError(f"prefix_v: expected {fmt_shape(pk.shape[:2] + (v.shape[3],))}, got {fmt_shape(pv.shape)}")
+    if causal and sq > ss:
+        raise ShapeError(f"q: the {sq} queries are the last tokens of the {ss}-token suffix, so Sq <= Sk "
+                         f"is needed with causal=True")
+    shared = (np.broadcast_to(pk, (b,) + pk.shape), np.broadcast_to(pv, (b,) + pv.shape))
+    parts = [(*shared, Pattern()), (k, v, Pattern(causal=causal))]
+    return q, parts, V.check_scale(p.scale, d), V.head_map_for(hq, hkv, p.head_map)
+
+
+def _cascade_forward(backend, arrays, p: CascadeParams):
+    q, parts, scale, hm = _cascade_parts(arrays, p)
+    states = [_attend(backend, q, k, v, pattern=pat, scale=scale, head_map=hm) for k, v, pat in parts]
+    out, lse = KV.merge_states(*states, backend=backend)
+    return backend.to_numpy(out), backend.to_numpy(lse)
+
+
+def _cascade_backward(backend, arrays, dout, p: CascadeParams):
+    """Each part's gradients from ``attend_backward`` with the merged ``out``/``lse``; the shared
+    prefix's gradients (``extras["prefix_k"]``, ``["prefix_v"]``) are summed over the batch."""
+    q, parts, scale, hm = _cascade_parts(arrays, p)
+    out, lse = _cascade_forward(backend, arrays, p)
+    dout = V.as_compute(dout, "dout")
+    if dout.shape != out.shape:
+        raise ShapeError(f"dout: expected the output's shape {fmt_shape(out.shape)}, got {fmt_shape(dout.shape)}")
+    grads = []
+    for k, v, pat in parts:
+        g = backend.attend_backward(*(backend.asarray(a) for a in (q, k, v, out, lse, dout)), pattern=pat,
+                                    scale=scale, head_map=hm)
+        grads.append([backend.to_numpy(x) for x in g[:3]])
+    (dq_p, dpk, dpv), (dq_s, dk, dv) = grads
+    return dq_p + dq_s, dk, dv, {"prefix_k": dpk.sum(axis=0), "prefix_v": dpv.sum(axis=0)}
+
+
+def _cascade_example(shape, rng, params):
+    b, hq, sq, sk, d, hkv = shape
+    out = core_example(shape, rng, params)
+    sp = max(1, sk // 2 + 1)
+    out["prefix_k"] = rng.standard_normal((hkv, sp, d))
+    out["prefix_v"] = rng.standard_normal((hkv, sp, d))
+    return out
+
+
+register(Variant(
+    name="cascade", family="kvcache",
+    doc="Cascade attention: a shared prefix attended once, per-request suffixes attended separately, "
+    "merged with merge_states; equals attention over [prefix; suffix].",
+    citation="Ye et al., FlashInfer (cascade inference), 2024; Juravsky et al., Hydragen, 2024",
+    params=CascadeParams, forward=_cascade_forward, backward=_cascade_backward, backends=_BACKENDS,
+    inputs=("q", "k", "v", "prefix_k", "prefix_v"), example=_cascade_example))
+
+
+# -- ring ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RingParams:
+    num_devices: int = param_field(4, "P simulated devices in the ring")
+    sharding: str = param_field("zigzag", "'zigzag' (2P chunks, device r holds r and 2P-1-r) or 'contiguous'")
+    causal: Any = param_field(False, "False, True, 'bottom_right' or 'top_left'")
+    alignment: str = param_field("bottom_right", "diagonal offset s = Sk-Sq ('bottom_right') or 0")
+    scale: Optional[float] = param_field(None, "score scale; default 1/sqrt(D)")
+    head_map: Any = param_field(None, "(Hq,) KV head of each query head; default h // (Hq // Hkv)")
+    return_lse: bool = param_field(False, "also return the log-sum-exp (B, Hq, Sq)")
+
+
+def _ring_args(arrays, p: RingParams):
+    q, k, v = _qkv(arrays)
+    causal, alignment = _causal_alignment(p)
+    return (q, k, v), dict(num_devices=p.num_devices, causal=causal, alignment=alignment,
+                           sharding=p.sharding, scale=p.scale, head_map=p.head_map)
+
+
+def _ring_forward(backend, arrays, p: RingParams):
+    qkv, kw = _ring_args(arrays, p)
+    out, lse, _ = KV.ring_attention(*qkv, backend=backend, **kw)
+    return out, lse
+
+
+def _ring_backward(backend, arrays, dout, p: RingParams):
+    qkv, kw = _ring_args(arrays, p)
+    dq, dk, dv, _ = KV.ring_attention_backward(*qkv, dout, backend=backend, **kw)
+    return dq, dk, dv, {}
+
+
+register(Variant(
+    name="ring", family="kvcache",
+    doc="Ring attention on P simulated devices: query shards stay, KV shards rotate P steps, partial "
+    "results merged with merge_states; causal with zig-zag sharding; equals full attention. "
+    "refattn.kvcache.ring_attention also returns the per-step schedule and bytes moved.",
+    citation="Liu et al., Ring Attention with Blockwise Transformers for Near-Infinite Context, 2023",
+    params=RingParams, forward=_ring_forward, backward=_ring_backward, backends=_BACKENDS,
+    example=core_example))
+
+
+# -- expected attention --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExpectedParams:
+    ratio: float = param_field(0.5, "fraction of keys dropped per KV head; max(1, int(Sk * (1 - ratio))) kept")
+    use_covariance: bool = param_field(True, "include the kᵀ cov k / (2D) term (False: mean only)")
+    future_positions: int = param_field(0, "n > 0: mu, cov are pre-RoPE; average RoPE over positions Sk .. Sk+n-1")
+    base: Optional[float] = param_field(None, "RoPE base for the averaging; default 10000")
+    n_sink: int = param_field(0, "first keys always kept (kvpress: 4)")
+    use_vnorm: bool = param_field(False, "multiply key scores by ||v_j|| (kvpress's default)")
+    epsilon: float = param_field(0.0, "added to scores before the ||v|| rescaling")
+    causal: Any = param_field(False, "False, True, 'bottom_right' or 'top_left' on the kept keys")
+    alignment: str = param_field("bottom_right", "diagonal offset s = Sk-Sq ('bottom_right') or 0")
+    scale: Optional[float] = param_field(None, "score scale; default 1/sqrt(D) (also in the expectation)")
+    return_lse: bool = param_field(False, "also return the log-sum-exp (B, Hq, Sq)")
+
+
+def _expected_forward(backend, arrays, p: ExpectedParams):
+    q, k, v = _qkv(arrays)
+    causal, alignment = _causal_alignment(p)
+    b, hq, _, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    hm = V.head_map_for(hq, hkv)
+    mu, cov = V.as_compute(arrays["mu"], "mu"), V.as_compute(arrays["cov"], "cov")
+    if mu.shape != (b, hq, d):
+        raise ShapeError(f"mu: expected ({b}, {hq}, {d}) = (B, Hq, D), got {fmt_shape(mu.shape)}")
+    if cov.shape != (b, hq, d, d):
+        raise ShapeError(f"cov: expected ({b}, {hq}, {d}, {d}) = (B, Hq, D, D), got {fmt_shape(cov.shape)}")
+    n_future = KV._int(p.future_positions, "future_positions")
+    if n_future:
+        rot = KV.rope_average_rotation(d, np.arange(sk, sk + n_future), base=p.base)
+        mu, cov = mu @ rot.T, rot @ cov @ rot.T
+    log_e = KV.expected_attention_scores(k, mu, cov if _bool(p.use_covariance, "use_covariance") else None,
+                                         scale=p.scale)
+    scores = KV.expected_attention_key_scores(log_e, hkv, v=v if _bool(p.use_vnorm, "use_vnorm") else None,
+                                              n_sink=p.n_sink, epsilon=p.epsilon)
+    keep = KV.expected_attention_keep(scores, p.ratio)[:, hm, None, :]  # (B, Hq, 1, Sk)
+    pattern = Pattern(causal=causal, alignment=alignment, dense=keep)
+    return _attend(backend, q, k, v, pattern=pattern, scale=V.check_scale(p.scale, d), head_map=hm)
+
+
+def _expected_example(shape, rng, params):
+    b, hq, sq, sk, d, hkv = shape
+    out = core_example(shape, rng, params)
+    a = rng.standard_normal((b, hq, d, d)) / np.sqrt(d)
+    out["mu"] = rng.standard_normal((b, hq, d))
+    out["cov"] = a @ np.swapaxes(a, -1, -2)
+    return out
+
+
+register(Variant(
+    name="expected_attention", family="kvcache",
+    doc="KV pruning by expected attention (kvpress): keys scored by log E[exp(scale q·k)] = scale mu·k "
+    "+ scale^2 kᵀcov k / 2 for q ~ N(mu, cov) per query head (optionally RoPE-averaged), softmax, "
+    "group mean, optional ||v|| and sinks; the lowest `ratio` dropped, then sdpa.",
+    citation="Devoto et al., Expected Attention: KV-cache Compression by Estimating Attention from "
+    "Future Queries Distribution, 2025", params=ExpectedParams, forward=_expected_forward,
+    backends=_BACKENDS, inputs=("q", "k", "v", "mu", "cov"), example=_expected_example))
