@@ -18,7 +18,8 @@ from typing import Callable, Optional
 from ..errors import ParameterError, UnknownVariant
 
 #: modules that register variants when the registry is first used
-FAMILY_MODULES = ("refattn.variants.core",)
+FAMILY_MODULES = ("refattn.variants.core", "refattn.variants.position", "refattn.variants.kvcache",
+                  "refattn.variants.sparse", "refattn.variants.bigbird", "refattn.variants.longformer")
 
 _REGISTRY: dict = {}
 _loaded = False
@@ -34,6 +35,9 @@ class Variant:
     ``tolerance`` is the default normwise relative error allowed between two float64
     evaluations (backend versus numpy, golden versus now).
     ``example(shape, rng, params) -> dict`` builds inputs for the CLI and golden cases.
+    ``verdict`` (optional) changes the defaults of the low-precision verdict rule of
+    :mod:`refattn.numerics` for this variant: ``{"factor": 3.0, "atol": {"bf16": 2**-7}}``
+    (``atol`` per dtype, or one number for all); None keeps factor 2 and atol eps(dtype)/2.
     """
 
     name: str
@@ -48,6 +52,7 @@ class Variant:
     inputs: tuple = ("q", "k", "v")
     example: Optional[Callable] = None
     aliases: tuple = ()
+    verdict: Optional[dict] = field(default=None, compare=False)  # a dict: kept out of hash()
 
     def parse_params(self, values: dict):
         """The parameter dataclass from keyword values; unknown names are an error."""
@@ -56,7 +61,7 @@ class Variant:
         if unknown:
             raise ParameterError(
                 f"{unknown[0]}: not a parameter of variant {self.name!r}; expected one of "
-                f"{', '.join(sorted(known))}")
+                f"{', '.join(sorted(known))}, got {', '.join(unknown)}")
         return self.params(**values)
 
     def parameters(self) -> builtins.list:
@@ -78,11 +83,13 @@ def register(variant: Variant) -> Variant:
 
 
 def _load():
+    """Import every family module once. A module that fails to import is a broken install: the
+    error propagates and the next call tries again (the registry is never left half-filled)."""
     global _loaded
     if not _loaded:
-        _loaded = True
         for module in FAMILY_MODULES:
             importlib.import_module(module)
+        _loaded = True
 
 
 def get(name: str) -> Variant:

@@ -133,3 +133,30 @@ def test_fallback_exactly_where_hf_switches(block_size, r):
         assert ours_full == hf_full == (seq_len <= limit)
         if ours_full:
             np.testing.assert_allclose(ours, refattn.attention(q, k, v), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("seq_len", [45, 61])
+def test_pad_true_matches_hf_model_padding(seq_len):
+    """HF BigBirdModel pads L to a multiple of b with masked pad tokens and runs the per-head
+    generator (seed = layer index 0) at the padded length; refattn's ``pad=True`` on the unpadded
+    q, k, v (ragged last block) with ``generator="hf", seed=0`` must give HF's first L rows."""
+    bs, r = 4, 1
+    torch.manual_seed(0)
+    config = BigBirdConfig(vocab_size=50, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                           num_hidden_layers=1, intermediate_size=8, block_size=bs, num_random_blocks=r,
+                           attention_type="block_sparse", max_position_embeddings=128,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BigBirdModel(config).double().train()
+    attn = model.encoder.layer[0].attention.self
+    seen = {}
+    attn.register_forward_hook(lambda mod, args, out: seen.update(hidden=args[0], out=out[0]))
+    with torch.no_grad():
+        model(torch.randint(1, 50, (1, seq_len)))
+        h = seen["hidden"]
+        q, k, v = (getattr(attn, n)(h).view(1, h.shape[1], HEADS, -1).transpose(1, 2)[:, :, :seq_len].numpy()
+                   for n in ("query", "key", "value"))
+    assert model.attention_type == "block_sparse" and h.shape[1] == -(-seq_len // bs) * bs
+    out_hf = seen["out"].view(1, h.shape[1], HEADS, -1).transpose(1, 2)[:, :, :seq_len].numpy()
+    ours = refattn.attention(q, k, v, variant="bigbird", block_size=bs, num_random_blocks=r, pad=True,
+                             generator="hf", seed=0, duplicates="hf")
+    assert normwise(ours, out_hf) <= 1e-10
