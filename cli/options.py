@@ -19,7 +19,7 @@ from refattn.errors import ParameterError, RefattnError, ShapeError
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 json_option = click.option("--json", "as_json", is_flag=True, default=False,
-                           help="Print stable, documented JSON instead of a table.")
+                           help="Print stable, documented JSON instead of a table. Default: a table.")
 backend_option = click.option("--backend", "-b", metavar="NAME", default=None,
                               help="Backend to run (numpy, numba, cupy). Default: the fastest "
                                    "available that the variant supports.")
@@ -40,8 +40,9 @@ def one_line_errors(f):
             warnings.showwarning = _warning_line
             try:
                 return f(*args, **kwargs)
-            except RefattnError as exc:
-                click.echo(f"Error: {exc}", err=True)
+            except RefattnError as exc:  # one line even when a user's exception spans several
+                text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+                click.echo(f"Error: {text}", err=True)
                 raise click.exceptions.Exit(EXIT_USAGE) from None
     return wrapper
 
@@ -190,4 +191,5 @@ def param_option(f):
     return click.option("--param", "-p", "params", metavar="NAME=VALUE", multiple=True,
                         help="A variant parameter (repeatable), parsed by its type: causal=true, "
                              "causal=top_left, window=128,0, softcap=30; array parameters take "
-                             "'random' (made from --seed), alibi_slopes also 'alibi' (the paper's).")(f)
+                             "'random' (made from --seed), alibi_slopes also 'alibi' (the paper's). "
+                             "Default: the variant's defaults (refattn list --family F).")(f)

@@ -60,6 +60,11 @@ def _fail(path, msg):
 def _read(path) -> dict:
     if not os.path.isfile(path):
         _fail(path, "no such file")
+    with open(path, "rb") as fh:  # np.load would take any other bytes for a pickle
+        head = fh.read(6)
+    if not head.startswith((b"PK", b"\x93NUMPY")):
+        what = "a pickle" if head[:1] == b"\x80" else f"it starts with {head!r}"
+        _fail(path, f"not a readable .npz archive ({what}); write it with numpy.savez")
     try:
         archive = np.load(path, allow_pickle=False)
     except ValueError as exc:
