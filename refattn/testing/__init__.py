@@ -22,6 +22,28 @@ from ..errors import ParameterError
 
 __all__ = ["assert_attention_close", "check_attention"]
 
+#: below this many score elements (B * H * Sq * Sk) the reference runs with one BLAS thread:
+#: a multi-threaded BLAS on small matrices is slower, and on a loaded machine (a CI runner) by
+#: 30-50x, enough to trip Hypothesis' default 200 ms deadline in a user's test.
+SMALL_PROBLEM = 1 << 22
+_controller = None
+
+
+def _blas_threads(case):
+    """A context that pins BLAS to one thread for small problems (threadpoolctl), else a no-op."""
+    import contextlib
+
+    import numpy as np
+
+    global _controller
+    q, k = case.get("q"), case.get("k")
+    if q is None or k is None or np.size(q) // max(1, np.shape(q)[-1]) * np.shape(k)[-2] > SMALL_PROBLEM:
+        return contextlib.nullcontext()
+    if _controller is None:
+        from threadpoolctl import ThreadpoolController
+        _controller = ThreadpoolController()
+    return _controller.limit(limits=1, user_api="blas")
+
 
 def _as_outputs(actual) -> dict:
     if isinstance(actual, dict):
@@ -56,15 +78,16 @@ def check_attention(actual, *, variant: str = "sdpa", dtype="bf16", factor: Opti
     needs_grad = any(n in outputs for n in ("dq", "dk", "dv"))
     if needs_grad and dout is None:
         raise ParameterError("dout: gradients dq/dk/dv were given; pass the dout they belong to")
-    ref = numerics.reference(case, variant=variant, backend=backend,
-                             dout=dout if needs_grad else None)
-    base = numerics.baseline(case, variant=variant, dtype=dtype, mode=baseline,
-                             dout=dout if needs_grad else None)
-    missing = [n for n in outputs if n not in ref]
-    if missing:
-        raise ParameterError(f"actual: variant {variant!r} gives no {missing[0]!r} to compare with")
-    res = numerics.compare_all(outputs, ref, base, dtype=dtype, factor=factor, atol=atol,
-                               variant=variant)
+    with _blas_threads(case):
+        ref = numerics.reference(case, variant=variant, backend=backend,
+                                 dout=dout if needs_grad else None)
+        base = numerics.baseline(case, variant=variant, dtype=dtype, mode=baseline,
+                                 dout=dout if needs_grad else None)
+        missing = [n for n in outputs if n not in ref]
+        if missing:
+            raise ParameterError(f"actual: variant {variant!r} gives no {missing[0]!r} to compare with")
+        res = numerics.compare_all(outputs, ref, base, dtype=dtype, factor=factor, atol=atol,
+                                   variant=variant)
     lines = [f"{res['verdict']}: {variant} against float64, {numerics.SHORT[numerics.canonical(dtype)]}"
              f" baseline ({baseline})", numerics.format_table(res["results"])]
     out_res = res["results"].get("out")
