@@ -120,12 +120,6 @@ from refattn.errors import BackendUnavailable, ParameterError, ShapeError
 from .options import (EXIT_FAIL, EXIT_OK, Made, backend_option, dumps, json_option,
                       one_line_errors, param_option, parse_params, parse_shape)
 
-#: shape (B, Hq, Sq, Sk, D, Hkv) when --shape is not given, and the variants that need another
-DEFAULT_SHAPE = (1, 8, 256, 256, 64, 8)
-VARIANT_SHAPES = {"mqa": (1, 8, 256, 256, 64, 1), "gqa": (1, 8, 256, 256, 64, 2),
-                  # long enough for BigBird's block-sparse path (HF falls back to full attention
-                  # below (5 + 2 * num_random_blocks) * block_size = 704 tokens by default)
-                  "bigbird": (1, 8, 1024, 1024, 64, 8)}
 #: show a progress bar when a computation has at least this many scores (B * Hq * Sq * Sk)
 PROGRESS_SCORES = 1 << 24
 RULE = "non-finite entries identical and normwise_rel <= tolerance"
@@ -156,6 +150,13 @@ class Problem:
     source: Optional[str] = None  # --outputs: the file
     rng: object = None  # the case's generator after its inputs (for dout)
     dout: Optional[np.ndarray] = None  # a golden case's stored dout
+
+    def params_for(self, reference: bool) -> dict:
+        """The keyword parameters for the run under test, or for the reference, which is always
+        float64 whatever ``compute_dtype`` the run under test asked for."""
+        if reference:
+            return {n: v for n, v in self.params.items() if n != "compute_dtype"}
+        return self.params
 
     @property
     def scores(self) -> int:
@@ -217,7 +218,7 @@ def build_problem(variant: Optional[str], case: Optional[str], shape: Optional[s
     parsed = parse_params(var, param_items, {n for n, _ in makers()})
     scalars = {n: v for n, v in parsed.items() if not isinstance(v, Made)}
     arrays = {n: v.how for n, v in parsed.items() if isinstance(v, Made)}
-    default = VARIANT_SHAPES.get(var.name, DEFAULT_SHAPE)
+    default = var.default_shape
     dims = default if shape is None else parse_shape(shape)
     if shape is not None and len(shape.split(",")) == 4 and default[5] == 1:
         dims = dims[:5] + (1,)  # B,H,S,D for a one-KV-head variant (mqa): Hkv = 1
@@ -229,7 +230,20 @@ def build_problem(variant: Optional[str], case: Optional[str], shape: Optional[s
     built = build(Case(name="cli", variant=var.name, shape=dims, seed=seed, params=scalars,
                        arrays=arrays))
     return Problem(variant=var, params=built.params, inputs=built.inputs, shape=dims, seed=seed,
-                   tolerance=var.tolerance, rng=built.rng)
+                   tolerance=tolerance_for(var, built.params), rng=built.rng)
+
+
+#: normwise relative tolerance of a run with ``compute_dtype="float32"`` (float32 storage, float64
+#: softmax statistics) against float64: 64 units of float32 rounding (2**-23). Measured errors are
+#: a few 1e-7; a bug (a wrong mask entry, a lost rescale) is orders of magnitude larger.
+FLOAT32_TOLERANCE = 64 * 2.0 ** -23
+
+
+def tolerance_for(var, params: dict) -> float:
+    """The variant's float64 tolerance, or :data:`FLOAT32_TOLERANCE` for a float32 compute dtype."""
+    if params.get("compute_dtype", "float64") == "float32":
+        return max(var.tolerance, FLOAT32_TOLERANCE)
+    return var.tolerance
 
 
 def problem_from_golden(variant, case, shape, seed, param_items) -> Problem:
@@ -431,7 +445,7 @@ def backend_instance(name: str, progress):
     return backends.get(name)
 
 
-def run_backend(problem: Problem, name: str, label: str) -> dict:
+def run_backend(problem: Problem, name: str, label: str, reference: bool = False) -> dict:
     """``{"out": ..., "lse": ...}`` of the problem's variant on backend ``name``."""
     var = problem.variant
     if name not in var.backends:
@@ -440,18 +454,18 @@ def run_backend(problem: Problem, name: str, label: str) -> dict:
     backends.get(name)  # unknown or not installed: BackendUnavailable before any work
     with progress_bar(problem, label) as tick:
         out, lse = var.forward(backend_instance(name, tick), dict(problem.inputs),
-                               var.parse_params(problem.params))
+                               var.parse_params(problem.params_for(reference)))
     result = {"out": np.asarray(out)}
     if lse is not None:
         result["lse"] = np.asarray(lse)
     return result
 
 
-def backend_grads(problem: Problem, name: str, dout) -> dict:
+def backend_grads(problem: Problem, name: str, dout, reference: bool = False) -> dict:
     """``{"dq", "dk", "dv"}`` of the variant's backward on backend ``name``."""
     var = problem.variant
     dq, dk, dv, _ = var.backward(backends.get(name), dict(problem.inputs), dout,
-                                 var.parse_params(problem.params))
+                                 var.parse_params(problem.params_for(reference)))
     return {"dq": np.asarray(dq), "dk": np.asarray(dk), "dv": np.asarray(dv)}
 
 
@@ -549,9 +563,9 @@ def run_reference(problem: Problem, against: str, dout=None, oracle: Optional[Or
             stored.update({n: g.arrays[f"grad.{n}"] for n in GRADS})
         return {"kind": "golden", "name": g.name, "file": g.path}, stored
     kind = "numpy" if against == "numpy" else "backend"
-    result = run_backend(problem, against, f"{against} (reference)")
+    result = run_backend(problem, against, f"{against} (reference)", reference=True)
     if dout is not None:
-        result.update(backend_grads(problem, against, dout))
+        result.update(backend_grads(problem, against, dout, reference=True))
     return {"kind": kind, "name": against}, result
 
 
@@ -860,8 +874,8 @@ def compare(problem: Problem, backend: Optional[str], against: str,
               help="Use the inputs of this golden case (refattn golden verify lists them). Default: "
                    "inputs made from --shape and --seed.")
 @click.option("--shape", metavar="B,H,S,D", default=None,
-              help="B,H,S,D (Hkv = H; mqa: 1) or B,Hq,Sq,Sk,D,Hkv. Default: 1,8,256,64 (gqa: "
-                   "Hkv=2, mqa: Hkv=1, bigbird: S=1024).")
+              help="B,H,S,D (Hkv = H; mqa: 1) or B,Hq,Sq,Sk,D,Hkv. Default: the variant's "
+                   "default_shape (refattn list --json shows it).")
 @click.option("--seed", type=int, default=None, help="Seed of the made inputs. Default: 0.")
 @param_option
 @click.option("--impl", "impl_spec", metavar="MODULE:FUNCTION", default=None,

@@ -8,7 +8,7 @@ The table shows name, family, backends, default tolerance and the first sentence
     {"refattn": "0.1.0",
      "variants": [{"name": "sdpa", "family": "core", "aliases": [], "doc": "...", "citation": "...",
                    "backends": ["numpy", "numba"], "tolerance": 1e-12, "inputs": ["q", "k", "v"],
-                   "has_backward": true,
+                   "has_backward": true, "default_shape": [B, Hq, Sq, Sk, D, Hkv],
                    "parameters": [{"name": "scale", "default": null, "help": "..."}, ...]}, ...]}
 
 A default that JSON cannot hold is given as its ``repr``.
@@ -35,6 +35,7 @@ def describe(var) -> dict:
     return {"name": var.name, "family": var.family, "aliases": list(var.aliases), "doc": var.doc,
             "citation": var.citation, "backends": list(var.backends), "tolerance": var.tolerance,
             "inputs": list(var.inputs), "has_backward": var.backward is not None,
+            "default_shape": list(var.default_shape),
             "parameters": [{"name": n, "default": d, "help": h} for n, d, h in var.parameters()]}
 
 

@@ -30,8 +30,7 @@ def _params(var, items):
 def _inputs(var, seq, heads, seed, params):
     from refattn.variants.sparse import sparse_example
     example = var.example or sparse_example(None)
-    default = getattr(example, "default_shape", (1, heads or 4, 256, 256, 64, heads or 4))
-    b, hq, sq, sk, d, hkv = default
+    b, hq, sq, sk, d, hkv = var.default_shape
     if seq is not None:
         sq = sk = seq
     if heads is not None:

@@ -142,9 +142,9 @@ def test_compare_made_inputs_follow_the_seed():
     seen = {}
     real = compare_mod.run_backend
 
-    def spy(problem, name, label):
+    def spy(problem, name, label, **kw):
         seen.update(problem.inputs, **{k: v for k, v in problem.params.items()})
-        return real(problem, name, label)
+        return real(problem, name, label, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(compare_mod, "run_backend", spy)
@@ -203,13 +203,15 @@ def test_compare_shows_a_progress_bar_on_long_runs(monkeypatch):
     assert "numpy (reference)" in result.stderr and "numpy (reference)" not in result.stdout
 
 
-def test_compare_bigbird_before_the_sparse_family_is_one_clear_line():
-    try:
-        variants.get("bigbird")
-    except ValueError:
-        assert_one_line_error(run("compare", "--variant", "bigbird"), "variant:", "'bigbird'", "sdpa")
-    else:
-        pytest.skip("bigbird is registered: the sparse family's tests cover compare --variant bigbird")
+def test_compare_bigbird_the_readmes_first_command_passes():
+    """`refattn compare --variant bigbird` (the README's first command): block-sparse, not the
+    short-sequence fallback, and PASS against the float64 numpy reference."""
+    result = run("compare", "--variant", "bigbird", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["verdict"] == "PASS" and data["reference"]["kind"] == "numpy"
+    assert "Warning" not in result.stderr  # no fallback to full attention at the default shape
+    assert data["arrays"]["out"]["normwise_rel"] <= 1e-12
 
 
 # -- exit 2 and one line for every user mistake ----------------------------------------------------------
@@ -239,3 +241,26 @@ def test_compare_bigbird_before_the_sparse_family_is_one_clear_line():
 ])
 def test_compare_user_mistakes_exit_2_with_one_line(args, needles):
     assert_one_line_error(run("compare", *args), *needles)
+
+
+def test_compare_float32_compute_dtype_is_checked_against_float64():
+    """A float32 run under test is compared with the float64 reference, at the float32 tolerance;
+    the reference itself never inherits compute_dtype (it used to fail: numpy computes in float64)."""
+    pytest.importorskip("numba", reason="the float32 compute dtype is the numba backend's")
+    res = CliRunner().invoke(cli, ["compare", "--variant", "sdpa", "--backend", "numba",
+                                   "--shape", "1,2,48,16", "--param", "causal=true",
+                                   "--param", "compute_dtype=float32", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["tolerance"] == compare_mod.FLOAT32_TOLERANCE
+    err = data["arrays"]["out"]["normwise_rel"]
+    assert 1e-9 < err < compare_mod.FLOAT32_TOLERANCE  # float32 rounding is visible, and bounded
+
+
+@pytest.mark.parametrize("name, hkv", [("mqa", 1), ("gqa", 2), ("sdpa", 8)])
+def test_compare_uses_the_variants_default_shape(name, hkv):
+    from refattn import variants
+    res = CliRunner().invoke(cli, ["compare", "--variant", name, "--backend", "numpy", "--json"])
+    assert res.exit_code == 0, res.output
+    shape = json.loads(res.output)["shape"]
+    assert shape == list(variants.get(name).default_shape) and shape[5] == hkv

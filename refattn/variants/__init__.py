@@ -52,6 +52,10 @@ class Variant:
     inputs: tuple = ("q", "k", "v")
     example: Optional[Callable] = None
     aliases: tuple = ()
+    #: (B, Hq, Sq, Sk, D, Hkv) of the inputs ``refattn compare`` / ``refattn mask`` make when no
+    #: shape is given: small enough to be quick, large enough to exercise the variant (sparse
+    #: variants need lengths at which their pattern is really sparse)
+    default_shape: tuple = (1, 8, 256, 256, 64, 8)
     verdict: Optional[dict] = field(default=None, compare=False)  # a dict: kept out of hash()
 
     def parse_params(self, values: dict):

@@ -320,4 +320,5 @@ register(Variant(
     "falls back to full attention with a warning, as HF does; L % b != 0 needs pad=True.",
     citation="Zaheer et al., Big Bird: Transformers for Longer Sequences, NeurIPS 2020; HF "
     "transformers BigBirdBlockSparseAttention", params=BigBirdParams, forward=_forward,
-    backward=_backward, example=sparse_example((1, 4, 1024, 1024, 64, 4)), **COMMON))
+    backward=_backward, example=sparse_example((1, 4, 1024, 1024, 64, 4)),
+    default_shape=(1, 4, 1024, 1024, 64, 4), **COMMON))

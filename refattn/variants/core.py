@@ -311,12 +311,14 @@ register(Variant(
 register(Variant(
     name="mqa", doc="Multi-query attention: sdpa with one KV head shared by every query head.",
     citation="Shazeer, Fast Transformer Decoding: One Write-Head is All You Need, 2019",
-    params=CoreParams, forward=_forward("mqa"), backward=_backward("mqa"), **_COMMON))
+    params=CoreParams, forward=_forward("mqa"), backward=_backward("mqa"),
+    default_shape=(1, 8, 256, 256, 64, 1), **_COMMON))
 register(Variant(
     name="gqa", doc="Grouped-query attention: query head h reads KV head h // (Hq // Hkv); "
     "head_map= allows uneven groupings (QCQA).",
     citation="Ainslie et al., GQA: Training Generalized Multi-Query Transformer Models, EMNLP 2023",
-    params=CoreParams, forward=_forward("gqa"), backward=_backward("gqa"), **_COMMON))
+    params=CoreParams, forward=_forward("gqa"), backward=_backward("gqa"),
+    default_shape=(1, 8, 256, 256, 64, 2), **_COMMON))
 register(Variant(
     name="flash", doc="FlashAttention's tiled online-softmax forward spelled out (tiles block_q x "
     "block_k, running max and sum); equals sdpa to float64 rounding. Backward as sdpa.",

@@ -177,4 +177,5 @@ register(Variant(
     "counts once.",
     citation="Beltagy et al., Longformer: The Long-Document Transformer, 2020; HF transformers "
     "LongformerSelfAttention", params=LongformerParams, forward=_forward, backward=_backward,
-    example=sparse_example((1, 4, 512, 512, 32, 4)), **COMMON))
+    example=sparse_example((1, 4, 512, 512, 32, 4)), default_shape=(1, 4, 512, 512, 32, 4),
+    **COMMON))

@@ -169,7 +169,8 @@ def _register(name, doc, citation, params, build, default_shape=(1, 4, 256, 256,
     PATTERNS[name] = lambda backend, arrays, p: prepared(backend, arrays, p, build).pattern
     return register(Variant(name=name, doc=doc, citation=citation, params=params, forward=forward,
                             backward=kw.pop("backward", backward),
-                            example=sparse_example(default_shape), **{**COMMON, **kw}))
+                            example=sparse_example(default_shape), default_shape=default_shape,
+                            **{**COMMON, **kw}))
 
 
 # -- sliding_window ----------------------------------------------------------------------------
