@@ -207,9 +207,17 @@ class EmulatedBackend(NumpyBackend):
         self.dtype = canonical(dtype)
         self.calls = 0
 
-    def low(self, x) -> np.ndarray:
-        """``x`` rounded to the storage dtype, as float32 (exact: every dtype here fits)."""
-        return round_to(x, self.dtype).astype(np.float32)
+    def low(self, x, name: str = "") -> np.ndarray:
+        """``x`` rounded to the storage dtype, as float32 (exact: every dtype here fits).
+
+        With ``name`` (an input), a finite value the dtype cannot hold is an error: a kernel in
+        that dtype could not have been given these inputs, so no baseline exists."""
+        r = round_to(x, self.dtype).astype(np.float32)
+        if name and not np.all(np.isfinite(r) | ~np.isfinite(x)):
+            raise ParameterError(
+                f"{name}: expected values a {SHORT[self.dtype]} kernel can hold (|x| <= "
+                f"{float(finfo(self.dtype).max):g}), got max |{name}| = {float(np.nanmax(np.abs(x))):g}")
+        return r
 
     def scores32(self, q_rows, k, rows, sq, sk, *, pattern, scale, score_mod):
         """Masked scores in float32 (and ``tanh(s/c)`` for softcap): the numpy backend's own."""
@@ -221,7 +229,7 @@ class EmulatedBackend(NumpyBackend):
         self.calls += 1
         b, hq, sq, _ = q.shape
         sk = k.shape[2]
-        q, k, v = self.low(q), self.low(k[:, head_map]), self.low(v[:, head_map])
+        q, k, v = self.low(q, "q"), self.low(k[:, head_map], "k"), self.low(v[:, head_map], "v")
         out = np.zeros((b, hq, sq, v.shape[-1]), dtype=np.float32)
         lse = np.full((b, hq, sq), -np.inf, dtype=np.float32)
         for rows in _row_chunks(b, hq, sq, sk, self.chunk_elements):
@@ -247,8 +255,8 @@ class EmulatedBackend(NumpyBackend):
         self.calls += 1
         b, hq, sq, _ = q.shape
         sk = k.shape[2]
-        q, dout = self.low(q), self.low(dout)
-        kh, vh = self.low(k[:, head_map]), self.low(v[:, head_map])
+        q, dout = self.low(q, "q"), self.low(dout, "dout")
+        kh, vh = self.low(k[:, head_map], "k"), self.low(v[:, head_map], "v")
         out, lse = out.astype(np.float32), lse.astype(np.float32)
         lse_all = lse if sinks is None else np.logaddexp(lse, sinks.astype(np.float32)[None, :, None])
         delta = np.sum(dout * out, axis=-1)
@@ -363,8 +371,12 @@ def baseline(case: dict, *, variant: str = "sdpa", dtype="bf16", mode: str = "sa
     if mode == "inputs_only":
         res = _evaluate(case, variant, backends.get("numpy"), dout, round_inputs=name)
         return {n: (a if n == "lse" else round_to(a, name)) for n, a in res.items()}
+    # Whether the variant's *forward* runs through attend decides how it is emulated (a backward
+    # may call attend even when the forward does not: flash's tiles do not, its backward does).
     emu = EmulatedBackend(name)
-    res = _evaluate(case, variant, emu, dout)
+    res = _evaluate(case, variant, emu)
+    if emu.calls and dout is not None:
+        res = _evaluate(case, variant, EmulatedBackend(name), dout)
     if emu.calls == 0:
         from .variants.core import CoreParams
         if not issubclass(variants.get(variant).params, CoreParams):
@@ -465,6 +477,12 @@ def compare(actual, reference, baseline, *, dtype, factor: Optional[float] = Non
     atol = a0 if atol is None else _check_number(atol, "atol")
     base_err = abs_error(baseline, reference, f"{name} (baseline)")
     base_max = float(base_err.max()) if base_err.size else 0.0
+    if not math.isfinite(base_max):  # an allowance of inf would pass anything, NaN outputs included
+        raise ParameterError(
+            f"baseline: expected a finite {SHORT[name_dt]} baseline for {name!r}, got "
+            f"{int(np.sum(~np.isfinite(base_err)))} NaN/Inf entries where the float64 reference "
+            f"is finite (the inputs or scores overflow {SHORT[name_dt]}); use in-range inputs or "
+            f"baseline='inputs_only'")
     allowed = factor * base_max + atol
     res = metrics(actual, reference, dtype=name_dt, threshold=allowed, name=name)
     res.update(name=name, dtype=SHORT[name_dt], baseline_max_abs=base_max, factor=factor,

@@ -267,3 +267,29 @@ def test_compare_all_and_table():
     assert table.splitlines()[0].split()[0] == "output" and "PASS" in table
     with pytest.raises(ParameterError, match="dq: no reference for this output"):
         N.compare_all({"dq": ref["out"]}, ref, base, dtype="bf16")
+
+
+def test_a_non_finite_baseline_is_an_error_not_an_infinite_allowance():
+    """An overflowing baseline (fp8 inputs beyond +-448 become NaN) would allow inf: any output,
+    NaN included, would pass. It is an error naming the baseline instead."""
+    from refattn.errors import ParameterError
+    ref = np.array([1.0, 2.0])
+    with pytest.raises(ParameterError, match="baseline"):
+        N.compare(np.array([np.nan, np.nan]), ref, np.array([np.nan, 2.0]), dtype="fp8_e4m3")
+    rng = np.random.default_rng(3)
+    q, k, v = (300 * rng.standard_normal((1, 1, 8, 4)) for _ in range(3))
+    with pytest.raises(ParameterError, match=r"^q: expected values a fp8_e4m3 kernel can hold"):
+        N.baseline(dict(q=q, k=k, v=v), dtype="fp8_e4m3")  # inputs beyond 448: no baseline
+
+
+def test_flash_baseline_is_rounded_with_and_without_gradients():
+    """flash's forward does not call attend but its backward does: the out baseline must still be
+    the rounded sdpa emulation when gradients are compared (it was exact float64, allowance atol)."""
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((1, 2, 16, 8)) for _ in range(3))
+    case = dict(q=q, k=k, v=v, causal=True)
+    ref = N.reference(case, variant="flash")["out"]
+    plain = N.baseline(case, variant="flash", dtype="bf16")["out"]
+    with_grad = N.baseline(case, variant="flash", dtype="bf16", dout=np.ones_like(ref))["out"]
+    assert np.abs(plain - ref).max() > 1e-4  # bf16 rounding is visible
+    np.testing.assert_array_equal(with_grad, plain)
