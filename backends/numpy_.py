@@ -27,6 +27,11 @@ def _take_rows(a, rows):
     return a if a.shape[2] == 1 else a[:, :, rows]
 
 
+def _take_cols(a, cols):
+    """Columns ``cols`` of a 4-d array broadcastable over dim 3 (a size-1 dim is kept as is)."""
+    return a if a.shape[3] == 1 else a[..., cols]
+
+
 class NumpyBackend(Backend):
     name = "numpy"
     compute_dtypes = ("float64",)
@@ -39,8 +44,9 @@ class NumpyBackend(Backend):
         return np
 
     # -- the pieces shared by forward and backward -------------------------------------------
-    def scores(self, q_rows, k, rows, sq, sk, *, pattern, scale, score_mod):
-        """Masked scores for a chunk of query rows: ``(B, Hq, r, Sk)``, hidden pairs ``-inf``.
+    def scores(self, q_rows, k, rows, sq, sk, *, pattern, scale, score_mod, cols=slice(None)):
+        """Masked scores of query rows ``rows`` against keys ``cols``: ``(B, Hq, r, c)``, hidden
+        pairs ``-inf``. ``k`` holds the keys ``cols`` only (all of them by default).
 
         Also returns ``tanh(s / softcap)`` (needed by the backward) or None.
         """
@@ -53,15 +59,15 @@ class NumpyBackend(Backend):
             if score_mod.alibi_slopes is not None:
                 off = pattern.band(sq, sk)[0]
                 i = np.arange(sq)[rows]
-                j = np.arange(sk)
+                j = np.arange(sk)[cols]
                 slopes = score_mod.alibi_slopes[None, :, None, None]
                 if score_mod.alibi_form == "flash":
                     s = s + slopes * j[None, None, None, :]
                 else:
                     s = s - slopes * np.abs(i[:, None] + off - j[None, :])[None, None]
             if score_mod.bias is not None:
-                s = s + _take_rows(score_mod.bias, rows)
-        visible = pattern.mask(sq, sk, rows)
+                s = s + _take_cols(_take_rows(score_mod.bias, rows), cols)
+        visible = pattern.mask(sq, sk, rows, cols)
         return np.where(visible, s, -np.inf), t
 
     def dropout_keep(self, dropout, b, h, sq, sk, rows):

@@ -71,6 +71,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .errors import ParameterError, ShapeError, fmt_shape
+from .validate import check_window
 
 #: :meth:`Pattern.block_layout` codes.
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -163,14 +164,7 @@ class Pattern:
 
     def __post_init__(self):
         diagonal_offset(self.alignment, 0, 0)  # validates the name
-        if self.window is not None:
-            if len(self.window) != 2:
-                raise ParameterError(f"window: expected (left, right), got {self.window!r}")
-            for side, w in zip(("left", "right"), self.window):
-                if int(w) != w or w < -1:
-                    raise ParameterError(
-                        f"window: expected {side} an integer >= -1 (-1 = unbounded), got {w!r}")
-            object.__setattr__(self, "window", (int(self.window[0]), int(self.window[1])))
+        object.__setattr__(self, "window", check_window(self.window))
         if self.dense is not None:
             d = np.asarray(self.dense)
             if d.dtype != np.bool_:

@@ -129,6 +129,13 @@ def check_positive(value, name: str):
     return float(value)
 
 
+def check_bool(value, name: str) -> bool:
+    """True or False (numpy bools too); anything else is an error, never truthiness."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ParameterError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
 def check_window(window):
     """``(left, right)`` integers >= -1 (-1 = unbounded); None passes."""
     if window is None:
@@ -187,6 +194,9 @@ def check_dropout(p, seed, mask):
         if p == 0:
             raise ParameterError("dropout_seed: expected dropout_p in (0, 1) with a seed, "
                                  "got dropout_p=0")
+    elif mask is not None and p == 0:
+        raise ParameterError("dropout_p: expected a value in (0, 1) with dropout_mask (kept "
+                             "probabilities are scaled by 1/(1-p)), got dropout_p=0")
     elif p > 0 and mask is None:
         raise ParameterError(f"dropout_p: expected dropout_seed= (Philox) or dropout_mask= with "
                              f"dropout_p > 0 (refattn draws no hidden randomness), got "

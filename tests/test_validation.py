@@ -268,3 +268,34 @@ def test_accepted_edge_values(kw):
     """Values at the edge of what is documented as accepted do not raise."""
     out = call(**kw)
     assert out.shape == (B, HQ, SQ, DV)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True, window=(3, 0)), dict(window=(-1, 2))])
+def test_alibi_flash_form_outside_flash_attns_causal_kernel_is_an_error(kw):
+    """flash-attn adds +slope*j only in its causal kernel (causal, unbounded left); elsewhere it
+    uses the symmetric form, so 'flash' there would define a result nothing computes."""
+    q = np.zeros((1, 2, 3, 4))
+    with pytest.raises(errors.ParameterError, match=r"^alibi_form: expected 'symmetric'.*got 'flash'"):
+        refattn.attention(q, q, q, alibi_slopes=[0.5, 0.25], alibi_form="flash", **kw)
+    refattn.attention(q, q, q, alibi_slopes=[0.5, 0.25], alibi_form="flash", causal=True)
+    refattn.attention(q, q, q, alibi_slopes=[0.5, 0.25], alibi_form="flash", window=(-1, 0))
+
+
+def test_dropout_mask_with_p_zero_is_an_error():
+    q = np.zeros((1, 1, 2, 2))
+    with pytest.raises(errors.ParameterError, match=r"^dropout_p: expected a value in \(0, 1\) with dropout_mask"):
+        refattn.attention(q, q, q, dropout_mask=np.ones((2, 2), bool))
+
+
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_return_lse_must_be_a_bool(value):
+    q = np.zeros((1, 1, 2, 2))
+    with pytest.raises(errors.ParameterError, match=r"^return_lse: expected True or False"):
+        refattn.attention(q, q, q, return_lse=value)
+
+
+@pytest.mark.parametrize("window", [("a", 0), (2.0, 0), (True, 0), (-2, 0)])
+def test_pattern_window_is_validated_like_the_window_parameter(window):
+    from refattn.patterns import Pattern
+    with pytest.raises(errors.ParameterError, match=r"^window: expected"):
+        Pattern(window=window)

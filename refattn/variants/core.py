@@ -110,6 +110,7 @@ def prepare(backend, arrays: dict, p: CoreParams, heads: Optional[str] = None) -
     V.check_choice(p.alibi_form, "alibi_form", ("symmetric", "flash"))
     V.check_choice(p.empty_row, "empty_row", ("zero", "nan"))
     _lse_base(p.lse_base)
+    V.check_bool(p.return_lse, "return_lse")
     if not (isinstance(p.causal, (bool, np.bool_)) or (isinstance(p.causal, str)
                                                        and p.causal in ALIGNMENTS)):
         raise ParameterError(f"causal: expected one of {CAUSAL_VALUES}, got {p.causal!r}")
@@ -141,6 +142,14 @@ def prepare(backend, arrays: dict, p: CoreParams, heads: Optional[str] = None) -
     softcap = V.check_positive(p.softcap, "softcap")
     slopes = None if p.alibi_slopes is None else V.check_per_head(p.alibi_slopes, "alibi_slopes", hq)
     bias = None if p.bias is None else V.check_broadcast(p.bias, "bias", target, dtype=p.compute_dtype)
+    _, lo, hi = pattern.band(sq, sk)
+    if slopes is not None and p.alibi_form == "flash" and not (lo is None and hi == 0):
+        # flash-attn adds +slope*j only in its causal kernel (is_causal = left < 0 and right == 0);
+        # its non-causal and local kernels use the symmetric form, so nothing computes this one.
+        raise ParameterError(
+            f"alibi_form: expected 'symmetric' unless the band is causal with no left window "
+            f"('flash' is flash-attn's causal-kernel form, +slope*j), got 'flash' with "
+            f"causal={p.causal!r}, window={p.window!r}")
     score_mod = ScoreMod(softcap=softcap, alibi_slopes=slopes, alibi_form=p.alibi_form, bias=bias)
     sinks = None if p.sinks is None else V.check_per_head(p.sinks, "sinks", hq)
 
@@ -210,7 +219,9 @@ def flash_tiles(backend, pre: Prepared, block_q: int, block_k: int, stats: Optio
     ``O = exp(m - m_new) * O + exp(S_t - m_new) @ V_t``; finally ``O / l`` and ``lse = m + log l``.
     The rescaling uses the *running* max ``m_new``, never the tile's own max. Masked pairs are
     ``-inf``; a row whose running max is still ``-inf`` contributes nothing yet. If ``stats`` is a
-    list, ``(i0, j0, m, l)`` is appended after every tile, for teaching.
+    list, ``(i0, j0, m, l)`` is appended after every tile, for teaching. Each tile's scores come
+    from ``backend.scores`` (the numpy backend's: the same score modifications and mask as
+    ``attend``), so only the softmax bookkeeping differs from sdpa.
     """
     xp = backend.xp
     q, k, v = pre.q, pre.k[:, pre.head_map], pre.v[:, pre.head_map]
@@ -223,16 +234,18 @@ def flash_tiles(backend, pre: Prepared, block_q: int, block_k: int, stats: Optio
         m = xp.full((b, h, rows.stop - i0, 1), -xp.inf)
         l = xp.zeros_like(m)
         acc = xp.zeros((b, h, rows.stop - i0, v.shape[3]))
+        keep_rows = backend.dropout_keep(pre.dropout, b, h, sq, sk, rows)  # None without dropout
         for j0 in range(0, sk, block_k):
             cols = slice(j0, min(sk, j0 + block_k))
-            s = _tile_scores(xp, pre, q[:, :, rows], k[:, :, cols], rows, cols, sq, sk)
+            s, _ = backend.scores(q[:, :, rows], k[:, :, cols], rows, sq, sk, pattern=pre.pattern,
+                                  scale=pre.scale, score_mod=pre.score_mod, cols=cols)
             m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
             m_safe = xp.where(xp.isfinite(m_new), m_new, 0.0)
             alpha = xp.exp(m - m_safe)  # rescales what was accumulated under the old max
             e = xp.exp(s - m_safe)
             l = alpha * l + e.sum(axis=-1, keepdims=True)
-            if pre.dropout is not None:  # l (the normaliser) never sees dropout
-                keep = _dropout_tile(backend, pre.dropout, b, h, sq, sk, rows, cols)
+            if keep_rows is not None:  # l (the normaliser) never sees dropout
+                keep = keep_rows if keep_rows.shape[3] == 1 else keep_rows[..., cols]
                 e = xp.where(keep, e * pre.dropout.scale, 0.0)
             acc = alpha * acc + e @ v[:, :, cols]
             m = m_new
@@ -240,40 +253,10 @@ def flash_tiles(backend, pre: Prepared, block_q: int, block_k: int, stats: Optio
                 stats.append((i0, j0, m.copy(), l.copy()))
         with np.errstate(divide="ignore", invalid="ignore"):
             out[:, :, rows] = xp.where(l > 0, acc / l, 0.0)
-            lse[:, :, rows] = (m + xp.log(l))[..., 0]
-    lse = xp.where(xp.isnan(lse), -xp.inf, lse)
+            lse[:, :, rows] = (m + xp.log(l))[..., 0]  # an empty row: -inf + log 0 = -inf
     if pre.sinks is not None:
         out = out / (1.0 + xp.exp(pre.sinks[None, :, None] - lse))[..., None]
     return out, lse
-
-
-def _tile_scores(xp, pre, q_t, k_t, rows, cols, sq, sk):
-    """Scores of one tile with the same modifications as the backends' ``attend``."""
-    s = pre.scale * (q_t @ xp.swapaxes(k_t, -1, -2))
-    sm = pre.score_mod
-    i = xp.arange(sq)[rows][:, None]
-    j = xp.arange(sk)[cols][None, :]
-    if sm is not None:
-        if sm.softcap is not None:
-            s = sm.softcap * xp.tanh(s / sm.softcap)
-        if sm.alibi_slopes is not None:
-            off = pre.pattern.band(sq, sk)[0]
-            slopes = sm.alibi_slopes[None, :, None, None]
-            s = s + slopes * j if sm.alibi_form == "flash" else s - slopes * xp.abs(i + off - j)
-        if sm.bias is not None:
-            bias = sm.bias if sm.bias.shape[2] == 1 else sm.bias[:, :, rows]
-            s = s + (bias if bias.shape[3] == 1 else bias[..., cols])
-    visible = pre.pattern.mask(sq, sk, rows)
-    visible = visible if visible.shape[3] == 1 else visible[..., cols]
-    return xp.where(visible, s, -xp.inf)
-
-
-def _dropout_tile(backend, dropout, b, h, sq, sk, rows, cols):
-    if dropout.mask is not None:
-        m = dropout.mask if dropout.mask.shape[2] == 1 else dropout.mask[:, :, rows]
-        return m if m.shape[3] == 1 else m[..., cols]
-    from refattn.dropout import keep_mask
-    return keep_mask(dropout.seed, dropout.p, b, h, sq, sk, rows)[..., cols]
 
 
 def _flash_forward(backend, arrays, p: FlashParams):

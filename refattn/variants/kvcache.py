@@ -63,12 +63,6 @@ def _causal_alignment(p):
     return bool(p.causal), (p.causal if isinstance(p.causal, str) else p.alignment)
 
 
-def _bool(value, name):
-    if not isinstance(value, (bool, np.bool_)):
-        raise ParameterError(f"{name}: expected True or False, got {value!r}")
-    return bool(value)
-
-
 # -- decode / paged ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DecodeParams(CoreParams):
@@ -295,7 +289,7 @@ class CascadeParams:
 
 def _cascade_parts(arrays, p: CascadeParams):
     """Validated ``(q, parts, scale, head_map)``; ``parts`` = [(k, v, pattern)] for prefix and suffix."""
-    causal = _bool(p.causal, "causal")
+    causal = V.check_bool(p.causal, "causal")
     q, k, v = _qkv(arrays)
     pk, pv = V.as_compute(arrays["prefix_k"], "prefix_k"), V.as_compute(arrays["prefix_v"], "prefix_v")
     b, hq, sq, d = q.shape
@@ -426,9 +420,9 @@ def _expected_forward(backend, arrays, p: ExpectedParams):
     if n_future:
         rot = KV.rope_average_rotation(d, np.arange(sk, sk + n_future), base=p.base)
         mu, cov = mu @ rot.T, rot @ cov @ rot.T
-    log_e = KV.expected_attention_scores(k, mu, cov if _bool(p.use_covariance, "use_covariance") else None,
+    log_e = KV.expected_attention_scores(k, mu, cov if V.check_bool(p.use_covariance, "use_covariance") else None,
                                          scale=p.scale)
-    scores = KV.expected_attention_key_scores(log_e, hkv, v=v if _bool(p.use_vnorm, "use_vnorm") else None,
+    scores = KV.expected_attention_key_scores(log_e, hkv, v=v if V.check_bool(p.use_vnorm, "use_vnorm") else None,
                                               n_sink=p.n_sink, epsilon=p.epsilon)
     keep = KV.expected_attention_keep(scores, p.ratio)[:, hm, None, :]  # (B, Hq, 1, Sk)
     pattern = Pattern(causal=causal, alignment=alignment, dense=keep)
