@@ -149,6 +149,14 @@ def run(shape, *, dtypes, causal="both", window=None, repeats=3, backward=True, 
         torch_peer=True, threads=None, progress: Callable = lambda msg: None) -> dict:
     """Time everything; returns the JSON-able result (see the module docstring). ``threads``:
     numba's (and so torch's) thread count, default numba's own (all cores)."""
+    if torch_peer:
+        # Import torch before numba starts its OpenMP threading layer: in the other order the two
+        # OpenMP runtimes fight and torch's SDPA runs ~3x slower in this process (measured here:
+        # 59 -> 21 GFLOP/s), which would flatter every ratio below.
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            pass
     import numba
 
     b, h, n, d = shape

@@ -34,6 +34,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from .. import numerics, variants
+from ..position import alibi_slopes
 from ..errors import ParameterError
 
 __all__ = ["AttentionCase", "attention_inputs"]
@@ -139,7 +140,7 @@ def _cases(draw, var, variant, max_seq, min_seq, max_batch, max_heads, head_dims
         if softcap:
             kwargs["softcap"] = draw(st.one_of(st.none(), st.floats(1.0, 50.0)))
         if alibi:
-            slopes = 2.0 ** (-8.0 * np.arange(1, hq + 1) / hq)
+            slopes = alibi_slopes(hq)  # the paper's, also for head counts not a power of two
             kwargs["alibi_slopes"] = draw(st.one_of(st.none(), st.just(slopes)))
     if name is not None:
         kwargs = {n: numerics.round_to(a, name) if n in ("q", "k", "v") else a

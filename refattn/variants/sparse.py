@@ -526,7 +526,7 @@ def seer_gate(q, k, *, block_size, w_q=None, w_k=None, head_map=None, causal=Fal
     kg = np.concatenate([pool_blocks(k, block_size, h) for h in ("mean", "max", "min")], -1) @ w_k
     nbq, nbk = qg.shape[2], kg.shape[2]
     hidden = future_blocks(nbq, nbk, block_size, q.shape[2], s) if causal else np.zeros((nbq, nbk), bool)
-    hm = np.arange(q.shape[1]) * k.shape[1] // q.shape[1] if head_map is None else head_map
+    hm = V.head_map_for(q.shape[1], k.shape[1], head_map)  # GQA's h // (Hq // Hkv), validated
     return _pooled_probs(qg, kg, 1.0 / math.sqrt(w_q.shape[1]), hm, hidden)
 
 
