@@ -565,3 +565,14 @@ def test_nsa_query_chunks_do_not_change_the_answer(monkeypatch):
     whole = refattn.attention(q, k, v, **kw)
     monkeypatch.setattr(sparse, "NSA_CHUNK_ROWS", 7)
     np.testing.assert_array_equal(refattn.attention(q, k, v, **kw), whole)
+
+
+def test_cli_mask_png_without_matplotlib_is_one_clear_line(tmp_path, monkeypatch):
+    """The `plot` extra is optional: --png without matplotlib says how to install it (exit 2)."""
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    res = run_mask("--variant", "sliding_window", "--seq", "64", "--png", str(tmp_path / "w.png"))
+    assert res.exit_code == 2
+    assert "--png" in res.output and "pip install 'refattn[plot]'" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "w.png").exists()
