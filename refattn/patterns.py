@@ -405,29 +405,46 @@ def _flatten(cls, p):
 
 # -- combinators --------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False, repr=False)
-class Union(Pattern):
-    """``parts[0] | parts[1] | ...``: visible if any part admits the pair, counted once.
-
-    Tile codes: FULL if some part is FULL, EMPTY if every part is EMPTY.
-    """
+class _Combination(Pattern):
+    """Common part of :class:`Union` and :class:`Intersection`: ``parts`` combined pairwise by
+    ``_op`` (``|`` or ``&``) into a mask where each pair is present at most once."""
 
     parts: tuple = ()
     _exact_own = False
+    _symbol = ""
 
     def __post_init__(self):
         super().__post_init__()
         for p in self.parts:
-            _check_pattern(p, "|")
+            _check_pattern(p, self._symbol)
         object.__setattr__(self, "parts", tuple(self.parts))
         if not self.parts:
             raise ParameterError("parts: expected at least one pattern, got none")
+
+    @staticmethod
+    def _op(a, b):
+        raise NotImplementedError
 
     def _own_keep(self, i, j, sq, sk):
         out = None
         for p in self.parts:
             k = p.keep(i, j, sq, sk)
-            out = k if out is None else out | k
+            out = k if out is None else self._op(out, k)
         return out
+
+    def _own_repr(self):
+        return [f" {self._symbol} ".join(map(repr, self.parts))]
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Union(_Combination):
+    """``parts[0] | parts[1] | ...``: visible if any part admits the pair, counted once.
+
+    Tile codes: FULL if some part is FULL, EMPTY if every part is EMPTY.
+    """
+
+    _symbol = "|"
+    _op = staticmethod(np.logical_or)
 
     def _own_classify(self, tiles):
         codes = [p.classify(tiles) for p in self.parts]
@@ -435,38 +452,20 @@ class Union(Pattern):
         empty = np.logical_and.reduce(np.broadcast_arrays(*[c == EMPTY for c in codes]))
         return _codes(full, empty)
 
-    def _own_repr(self):
-        return [" | ".join(map(repr, self.parts))]
-
 
 @dataclass(frozen=True, eq=False, repr=False)
-class Intersection(Pattern):
-    """``parts[0] & parts[1] & ...``: visible if every part admits the pair."""
+class Intersection(_Combination):
+    """``parts[0] & parts[1] & ...``: visible if every part admits the pair.
 
-    parts: tuple = ()
-    _exact_own = False
+    Tile codes: the least of the parts' (EMPTY < PARTIAL < FULL).
+    """
 
-    def __post_init__(self):
-        super().__post_init__()
-        for p in self.parts:
-            _check_pattern(p, "&")
-        object.__setattr__(self, "parts", tuple(self.parts))
-        if not self.parts:
-            raise ParameterError("parts: expected at least one pattern, got none")
-
-    def _own_keep(self, i, j, sq, sk):
-        out = None
-        for p in self.parts:
-            k = p.keep(i, j, sq, sk)
-            out = k if out is None else out & k
-        return out
+    _symbol = "&"
+    _op = staticmethod(np.logical_and)
 
     def _own_classify(self, tiles):
         codes = np.broadcast_arrays(*[p.classify(tiles) for p in self.parts])
         return np.minimum.reduce(codes) if len(codes) > 1 else codes[0]
-
-    def _own_repr(self):
-        return [" & ".join(map(repr, self.parts))]
 
 
 @dataclass(frozen=True, eq=False, repr=False)
