@@ -299,3 +299,12 @@ def test_pattern_window_is_validated_like_the_window_parameter(window):
     from refattn.patterns import Pattern
     with pytest.raises(errors.ParameterError, match=r"^window: expected"):
         Pattern(window=window)
+
+
+@pytest.mark.parametrize("variant", ["sdpa", "sliding_window", "rope"])
+def test_backward_dout_shape_is_reported_in_the_callers_layout(variant):
+    """One dout check serves every family: with layout='bshd' both shapes are (B, S, H, Dv)."""
+    q = np.zeros((1, 5, 2, 4))  # bshd: S=5, H=2
+    with pytest.raises(errors.ShapeError) as exc:
+        refattn.attention_backward(q, q, q, np.zeros((1, 2, 5, 4)), variant=variant, layout="bshd")
+    assert str(exc.value) == "dout: expected the output's shape (1, 5, 2, 4), got (1, 2, 5, 4)"

@@ -43,8 +43,8 @@ from .. import validate as V
 from ..errors import ParameterError, ShapeError, fmt_shape
 from ..patterns import BlockSparse
 from . import Variant, param_field, register
-from .core import CoreParams, finish, prepare, to_layout
-from .sparse import COMMON, PATTERNS, attend_pattern, check_dout, sparse_example, with_core
+from .core import CoreParams, check_dout, finish, prepare, to_layout
+from .sparse import COMMON, PATTERNS, attend_pattern, sparse_example, with_core
 
 
 class BigBirdFallbackWarning(UserWarning):

@@ -34,7 +34,7 @@ import numpy as np
 
 from refattn.backends.base import Dropout, ScoreMod
 from .. import validate as V
-from ..errors import ParameterError, ShapeError
+from ..errors import ParameterError, ShapeError, fmt_shape
 from ..patterns import ALIGNMENTS, Pattern
 from . import Variant, param_field, register
 
@@ -190,23 +190,43 @@ def _forward(heads):
     return forward
 
 
+def check_dout(dout, pre: Prepared, p: CoreParams) -> np.ndarray:
+    """The upstream gradient in the compute dtype and ``bhsd``, checked against the output's shape
+    (both shapes reported in the caller's layout)."""
+    dout = V.as_compute(dout, "dout", p.compute_dtype)
+    b, hq, sq, _ = pre.q.shape
+    dv = pre.v.shape[3]
+    want = (b, hq, sq, dv) if p.layout == "bhsd" else (b, sq, hq, dv)
+    if dout.shape != want:
+        raise ShapeError(f"dout: expected the output's shape {fmt_shape(want)}, "
+                         f"got {fmt_shape(dout.shape)}")
+    return np.ascontiguousarray(to_layout(dout, p))
+
+
+def backward_prepared(backend, pre: Prepared, dout, p: CoreParams):
+    """``(dq, dk, dv, extras)`` of ``attend`` on prepared inputs, in ``bhsd`` (``dout`` in
+    ``p.layout``). The forward is recomputed for the ``out`` and ``lse`` the backward needs;
+    ``extras["bias"]`` has the prepared (4-d) bias's shape."""
+    dout = check_dout(dout, pre, p)
+    kw = pre.primitive_kwargs()
+    out, lse = backend.attend(pre.q, pre.k, pre.v, **kw)
+    dq, dk, dv, extras = backend.attend_backward(pre.q, pre.k, pre.v, out, lse, dout, **kw)
+    return (*(backend.to_numpy(g) for g in (dq, dk, dv)),
+            {n: backend.to_numpy(g) for n, g in extras.items()})
+
+
+def backward_for_caller(backend, pre: Prepared, dout, p: CoreParams):
+    """:func:`backward_prepared` with ``dq, dk, dv`` in the caller's layout and the bias gradient
+    in the shape the caller passed the bias in."""
+    dq, dk, dv, extras = backward_prepared(backend, pre, dout, p)
+    if "bias" in extras:
+        extras["bias"] = extras["bias"].reshape(np.shape(p.bias))
+    return (*(to_layout(g, p) for g in (dq, dk, dv)), extras)
+
+
 def _backward(heads):
     def backward(backend, arrays, dout, p):
-        pre = prepare(backend, arrays, p, heads)
-        dout = V.as_compute(dout, "dout", p.compute_dtype)
-        dout = np.ascontiguousarray(to_layout(dout, p)) if dout.ndim == 4 else dout
-        want = pre.q.shape[:3] + (pre.v.shape[3],)
-        if dout.shape != want:
-            raise ShapeError(f"dout: expected the output's shape {to_layout(np.empty(want), p).shape}, "
-                             f"got {to_layout(dout, p).shape if dout.ndim == 4 else dout.shape}")
-        kw = pre.primitive_kwargs()
-        out, lse = backend.attend(pre.q, pre.k, pre.v, **kw)
-        dq, dk, dv, extras = backend.attend_backward(pre.q, pre.k, pre.v, out, lse, dout, **kw)
-        grads = [to_layout(backend.to_numpy(g), p) for g in (dq, dk, dv)]
-        extras = {n: backend.to_numpy(g) for n, g in extras.items()}
-        if "bias" in extras:  # back to the shape the caller passed
-            extras["bias"] = extras["bias"].reshape(np.shape(p.bias))
-        return (*grads, extras)
+        return backward_for_caller(backend, prepare(backend, arrays, p, heads), dout, p)
     return backward
 
 

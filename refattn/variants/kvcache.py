@@ -34,8 +34,8 @@ from ..errors import ParameterError, ShapeError, fmt_shape
 from ..patterns import Pattern
 from refattn.backends.base import ScoreMod
 from . import Variant, param_field, register
-from .core import CoreParams, example as core_example, prepare, to_layout
-from .position import (attend_finish, backward_prepared, rope_positions, to_caller,
+from .core import CoreParams, backward_prepared, example as core_example, prepare, to_layout
+from .position import (attend_finish, rope_positions, to_caller,
                        user_bias_grad)
 
 _BACKENDS = ("numpy", "numba")

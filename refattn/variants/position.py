@@ -31,7 +31,8 @@ from .. import validate as V
 from ..errors import ParameterError, ShapeError, fmt_shape
 from ..patterns import diagonal_offset
 from . import Variant, param_field, register
-from .core import CoreParams, _backward, _forward, example as core_example, finish, prepare, to_layout
+from .core import (CoreParams, _backward, _forward, backward_prepared, example as core_example,
+                   finish, prepare, to_layout)
 
 _BACKENDS = ("numpy", "numba")
 
@@ -54,24 +55,6 @@ def with_bias(pre, extra, scale_by: float = 1.0):
 def attend_finish(backend, pre, p):
     out, lse = backend.attend(pre.q, pre.k, pre.v, **pre.primitive_kwargs())
     return finish(backend.to_numpy(out), backend.to_numpy(lse), p)
-
-
-def backward_prepared(backend, pre, dout, p):
-    """``(dq, dk, dv, extras)`` of ``attend`` on prepared inputs, in ``bhsd`` (``dout`` in ``p.layout``).
-
-    ``extras["bias"]`` is the gradient of the score bias in the prepared bias's shape -- the
-    gradient of the score itself where that bias is full-sized.
-    """
-    dout = V.as_compute(dout, "dout", p.compute_dtype)
-    dout = np.ascontiguousarray(to_layout(dout, p)) if dout.ndim == 4 else dout
-    want = pre.q.shape[:3] + (pre.v.shape[3],)
-    if dout.shape != want:
-        raise ShapeError(f"dout: expected the output's shape {fmt_shape(to_layout(np.empty(want), p).shape)}, "
-                         f"got {fmt_shape(dout.shape)}")
-    kw = pre.primitive_kwargs()
-    out, lse = backend.attend(pre.q, pre.k, pre.v, **kw)
-    dq, dk, dv, extras = backend.attend_backward(pre.q, pre.k, pre.v, out, lse, dout, **kw)
-    return (*(backend.to_numpy(g) for g in (dq, dk, dv)), {n: backend.to_numpy(g) for n, g in extras.items()})
 
 
 def reduce_to(x, shape):

@@ -31,7 +31,7 @@ from ..errors import ParameterError, ShapeError, fmt_shape
 from ..patterns import (BlockSparse, Dilated, Global, Heads, Intersection, LocalBlocks, Pattern,
                         RandomKeys, Summary, blocks_from_table, random_keys)
 from . import Variant, param_field, register
-from .core import CoreParams, Prepared, example as core_example, finish, prepare, to_layout
+from .core import CoreParams, Prepared, backward_for_caller, example as core_example, finish, prepare
 
 
 # -- the one forward/backward every pattern variant uses --------------------------------------
@@ -61,17 +61,6 @@ def attend_pattern(backend, pre: Prepared, pattern: Optional[Pattern] = None, q=
                           pre.v if v is None else v, **kw)
 
 
-def check_dout(dout, pre: Prepared, p) -> np.ndarray:
-    """The upstream gradient in bhsd and the compute dtype, shape-checked against the output."""
-    dout = V.as_compute(dout, "dout", p.compute_dtype)
-    dout = np.ascontiguousarray(to_layout(dout, p)) if dout.ndim == 4 else dout
-    want = pre.q.shape[:3] + (pre.v.shape[3],)
-    if dout.shape != want:
-        raise ShapeError(f"dout: expected the output's shape {fmt_shape(to_layout(np.empty(want), p).shape)}, "
-                         f"got {fmt_shape(np.shape(dout))}")
-    return dout
-
-
 def pattern_variant(build: Callable):
     """``(forward, backward)`` for a variant that is ``core & build(p, pre)`` through ``attend``."""
     def forward(backend, arrays, p):
@@ -80,16 +69,7 @@ def pattern_variant(build: Callable):
         return finish(backend.to_numpy(out), backend.to_numpy(lse), p)
 
     def backward(backend, arrays, dout, p):
-        pre = prepared(backend, arrays, p, build)
-        dout = check_dout(dout, pre, p)
-        kw = pre.primitive_kwargs()
-        out, lse = backend.attend(pre.q, pre.k, pre.v, **kw)
-        dq, dk, dv, extras = backend.attend_backward(pre.q, pre.k, pre.v, out, lse, dout, **kw)
-        grads = [to_layout(backend.to_numpy(g), p) for g in (dq, dk, dv)]
-        extras = {n: backend.to_numpy(g) for n, g in extras.items()}
-        if "bias" in extras:
-            extras["bias"] = extras["bias"].reshape(np.shape(p.bias))
-        return (*grads, extras)
+        return backward_for_caller(backend, prepared(backend, arrays, p, build), dout, p)
     return forward, backward
 
 
