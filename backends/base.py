@@ -65,12 +65,42 @@ class Dropout:
 
 
 class Backend(abc.ABC):
-    """A set of attention primitives over one array library."""
+    """A set of attention primitives over one array library.
+
+    Hooks (set on a copy by :meth:`configured`, never on the registry's shared instance):
+
+    * ``progress(rows)``: called as query rows of an ``attend``/``attend_backward`` call complete
+      (backends that can report progress do; others never call it);
+    * ``rounding``: an object emulating a low-precision kernel (``work`` dtype of the arithmetic,
+      ``inputs(x, name)`` and ``store(x)`` rounding to the storage dtype, ``calls`` counting the
+      primitive calls that used it: :class:`refattn.numerics.Rounding`). Only backends with
+      ``supports_rounding`` accept it.
+    """
 
     #: registry name ("numpy", "numba", "cupy")
     name: str = ""
     #: compute dtypes the backend accepts
     compute_dtypes: tuple = ("float64",)
+    supports_rounding: bool = False
+    progress = None
+    rounding = None
+
+    def configured(self, *, progress=None, rounding=None) -> "Backend":
+        """A copy of this backend with the hooks set (see the class docstring)."""
+        import copy
+
+        if rounding is not None and not self.supports_rounding:
+            from refattn.errors import ParameterError
+            raise ParameterError(f"rounding: backend {self.name!r} cannot emulate low precision; "
+                             f"the numpy backend does")
+        twin = copy.copy(self)
+        twin.progress, twin.rounding = progress, rounding
+        return twin
+
+    def tick(self, rows: int):
+        """Report ``rows`` completed query rows to the progress hook, if any."""
+        if self.progress is not None:
+            self.progress(rows)
 
     @property
     @abc.abstractmethod

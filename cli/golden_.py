@@ -37,7 +37,7 @@ import click
 from refattn import __version__, backends, golden, variants
 from refattn.errors import BackendUnavailable, GoldenError, ParameterError, RefattnError
 from refattn.golden.cases import select
-from .compare import metrics, verdict
+from .compare.verdict import metrics, verdict
 from .list_ import table
 from .options import EXIT_FAIL, EXIT_OK, case_option, dumps, json_option, one_line_errors
 

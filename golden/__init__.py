@@ -179,25 +179,19 @@ def evaluate(case, backend: str, inputs: dict, params: dict, dout=None) -> dict:
     """Outputs of ``case``'s variant on ``backend``: ``{"output.out", "output.lse", "grad.*"}``.
 
     ``inputs`` and ``params`` are the built (or stored) arrays; gradients are computed when ``dout``
-    is given.
+    is given. Runs through the one pipeline (:func:`refattn.pipeline.run`): ``grad.d<input>`` for
+    the variant's inputs (``grad.dq``, ``grad.dk``, ``grad.dv`` for attention variants) and
+    ``grad.extras.<name>`` for the gradients of other inputs and learnable parameters.
     """
-    from refattn import backends, variants
-    from refattn.errors import BackendUnavailable
+    from refattn import pipeline
 
-    var = variants.get(case.variant)
-    if backend not in var.backends:
-        raise BackendUnavailable(f"backend: variant {var.name!r} runs on {', '.join(var.backends)}, "
-                                 f"got {backend!r}")
-    be = backends.get(backend)
-    p = var.parse_params(params)
-    out, lse = var.forward(be, dict(inputs), p)
-    result = {"output.out": np.asarray(out)}
-    if lse is not None:
-        result["output.lse"] = np.asarray(lse)
-    if dout is not None:
-        dq, dk, dv, extras = var.backward(be, dict(inputs), dout, p)
-        result.update({"grad.dq": dq, "grad.dk": dk, "grad.dv": dv})
-        result.update({f"grad.extras.{n}": g for n, g in extras.items()})
+    res = pipeline.run(case.variant, backend, dict(inputs), params, dout=dout)
+    result = {f"output.{n}": a for n, a in res.outputs.items()}
+    if res.grads is not None:
+        var = res.variant
+        direct = var.inputs[:3] if var.on_qkv else var.inputs
+        for n, g in res.grads.items():
+            result[f"grad.d{n}" if n in direct else f"grad.extras.{n}"] = g
     return {k: np.asarray(v) for k, v in result.items()}
 
 
@@ -235,7 +229,10 @@ def generate(case) -> dict:
 
 
 def moved(old: dict, new: dict) -> list:
-    """What changed between two versions of a file: ``[(key, what)]``, empty when identical."""
+    """What changed between two versions of a file: ``[(key, what)]``, empty when identical; the
+    amounts are :func:`refattn.numerics.metrics` of the new array against the old one."""
+    from refattn.numerics import metrics
+
     changes = []
     for key in sorted(set(old) | set(new)):
         if key not in old:
@@ -246,15 +243,10 @@ def moved(old: dict, new: dict) -> list:
             changes.append((key, f"shape/dtype {old[key].shape} {old[key].dtype} -> "
                                  f"{new[key].shape} {new[key].dtype}"))
         elif not np.array_equal(old[key], new[key], equal_nan=old[key].dtype.kind == "f"):
-            a, b = old[key].astype(np.float64), new[key].astype(np.float64)
-            both = np.isfinite(a) & np.isfinite(b)
-            diff = float(np.max(np.abs(a - b)[both], initial=0.0))
-            norm = float(np.linalg.norm(b[both]))
-            rel = float(np.linalg.norm((a - b)[both]) / norm) if norm else float("inf")
-            pattern = int(np.sum((np.isfinite(a) != np.isfinite(b)) | (~both & (a != b)
-                                                                       & ~(np.isnan(a) & np.isnan(b)))))
-            extra = f", {pattern} non-finite entries changed" if pattern else ""
-            changes.append((key, f"max abs {diff:.3g}, normwise rel {rel:.3g}{extra}"))
+            m = metrics(new[key].astype(np.float64), old[key].astype(np.float64), name=key)
+            extra = (f", {m['nonfinite_mismatch']} non-finite entries changed"
+                     if m["nonfinite_mismatch"] else "")
+            changes.append((key, f"max abs {m['max_abs']:.3g}, normwise rel {m['normwise_rel']:.3g}{extra}"))
     return changes
 
 

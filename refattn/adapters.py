@@ -145,22 +145,29 @@ def varlen_apply(one: Callable, q, k, v, cu_seqlens_q, cu_seqlens_k, *, dout=Non
     return {n: np.concatenate(parts[n], axis=-1 if n == "lse" else 0) for n in sorted(returned)}
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, variant="sdpa", backend="numpy",
+def varlen_attention(arrays: dict, cu_seqlens_q, cu_seqlens_k, *, variant="sdpa", backend="numpy",
                      dout=None, **params):
     """:func:`refattn.attention` (or with ``dout``, :func:`refattn.attention_backward`) on a packed
-    batch; see the module docstring. Returns what those return, packed."""
-    import refattn
-    return_lse = bool(params.pop("return_lse", False))
+    batch: ``arrays`` holds packed ``q, k, v``; see the module docstring. Returns what those return,
+    packed. Each sequence runs through the one pipeline (:func:`refattn.pipeline.run`)."""
+    from . import pipeline
+
+    var = pipeline.variant_of(variant)
+    if not var.on_qkv or len(var.inputs) != 3:
+        raise ParameterError(f"cu_seqlens_q: packed batches need a variant on q, k, v only; "
+                             f"{var.name!r} takes {', '.join(var.inputs)}")
+    return_lse = params.pop("return_lse", False) is True
+    params = {n: val for n, val in params.items() if not n.startswith("return_")}
 
     def one(q_i, k_i, v_i, d_i, extra):
-        kw = dict(variant=variant, backend=backend, **params, **extra)
+        res = pipeline.run(var, backend, {"q": q_i, "k": k_i, "v": v_i}, {**params, **extra},
+                           dout=d_i, forward=d_i is None)
         if d_i is not None:
-            dq, dk, dv, _ = refattn.attention_backward(q_i, k_i, v_i, d_i, **kw)
-            return {"dq": dq, "dk": dk, "dv": dv}
-        out, lse = refattn.attention(q_i, k_i, v_i, return_lse=True, **kw)
-        return {"out": out, "lse": lse}
+            return {"dq": res.grads["q"], "dk": res.grads["k"], "dv": res.grads["v"]}
+        return {"out": res.outputs["out"], "lse": res.outputs["lse"]}
 
-    res = varlen_apply(one, q, k, v, cu_seqlens_q, cu_seqlens_k, dout=dout, params=params)
+    res = varlen_apply(one, arrays["q"], arrays["k"], arrays["v"], cu_seqlens_q, cu_seqlens_k,
+                       dout=dout, params=params)
     if dout is not None:
         return res["dq"], res["dk"], res["dv"], {}
     return (res["out"], res["lse"]) if return_lse else res["out"]

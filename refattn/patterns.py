@@ -64,14 +64,13 @@ O(tiles + blocks).
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field, fields
 from typing import Optional, Tuple
 
 import numpy as np
 
 from .errors import ParameterError, ShapeError, fmt_shape
-from .validate import check_window
+from .validate import check_int, check_window
 
 #: :meth:`Pattern.block_layout` codes.
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -118,12 +117,6 @@ def _codes(full, empty):
 def _as4(a):
     a = np.asarray(a)
     return a.reshape((1,) * (4 - a.ndim) + a.shape)
-
-
-def _int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ParameterError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _prefix2d(on):
@@ -302,10 +295,7 @@ class Pattern:
         return self.dense is None and self._exact_own and not (own and self.has_band)
 
     def _plan(self, block_q, block_k, sq, sk, want_masks, want_counts=False):
-        for name, val in (("block_q", block_q), ("block_k", block_k)):
-            if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < 1:
-                raise ParameterError(f"block_q/block_k: expected >= 1, got {block_q}, {block_k}")
-        tiles = Tiles.grid(int(block_q), int(block_k), sq, sk)
+        tiles = Tiles.grid(check_int(block_q, "block_q", 1), check_int(block_k, "block_k", 1), sq, sk)
         layout = np.array(self.classify(tiles), dtype=np.int8, copy=True)
         masks = {}
         visible = np.zeros(layout.shape[:2], dtype=np.int64)  # pairs in tiles decided element-wise
@@ -521,10 +511,10 @@ class Dilated(Pattern):
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, "dilation", _int(self.dilation, "dilation", 1))
+        object.__setattr__(self, "dilation", check_int(self.dilation, "dilation", 1))
         if len(self.steps) != 2:
             raise ParameterError(f"steps: expected (left, right), got {self.steps!r}")
-        object.__setattr__(self, "steps", tuple(_int(w, "steps", -1) for w in self.steps))
+        object.__setattr__(self, "steps", tuple(check_int(w, "steps", -1) for w in self.steps))
 
     def _range(self, sq, sk):
         s = diagonal_offset(self.alignment, sq, sk)
@@ -570,7 +560,7 @@ class LocalBlocks(Pattern):
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, "block", _int(self.block, "block", 1))
+        object.__setattr__(self, "block", check_int(self.block, "block", 1))
 
     def _own_keep(self, i, j, sq, sk):
         s = diagonal_offset(self.alignment, sq, sk)
@@ -613,8 +603,8 @@ class Summary(Pattern):
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, "block", _int(self.block, "block", 1))
-        object.__setattr__(self, "c", _int(self.c, "c", 0))
+        object.__setattr__(self, "block", check_int(self.block, "block", 1))
+        object.__setattr__(self, "c", check_int(self.c, "c", 0))
         if self.c > self.block:
             raise ParameterError(f"c: expected at most block={self.block} summary columns, got {self.c}")
 
@@ -737,8 +727,8 @@ class BlockSparse(Pattern):
                                  f"(B, H, nbq, nbk) array, got dtype {lay.dtype} shape "
                                  f"{fmt_shape(lay.shape)}")
         object.__setattr__(self, "layout", _as4(lay))
-        object.__setattr__(self, "block_q", _int(self.block_q, "block_q", 1))
-        object.__setattr__(self, "block_k", _int(self.block_k, "block_k", 1))
+        object.__setattr__(self, "block_q", check_int(self.block_q, "block_q", 1))
+        object.__setattr__(self, "block_k", check_int(self.block_k, "block_k", 1))
         object.__setattr__(self, "_prefix", _prefix2d(self.layout))
 
     def _check(self, sq, sk):
@@ -792,7 +782,7 @@ class RandomKeys(Pattern):
                                  f"(H, Sq, r) or (B, H, Sq, r), got dtype {t.dtype} shape "
                                  f"{fmt_shape(t.shape)}")
         object.__setattr__(self, "table", _as4(t).astype(np.int64))
-        object.__setattr__(self, "block", _int(self.block, "block", 1))
+        object.__setattr__(self, "block", check_int(self.block, "block", 1))
 
     def _check(self, sq, sk):
         t = self.table

@@ -61,12 +61,14 @@ class _Recorder(NumpyBackend):
 
 
 def _trace(case: dict, variant: str):
-    """The single ``attend`` call of the variant on this case, or None."""
-    from . import variants
-    var = variants.get(variant)
-    params = {n: val for n, val in case.items() if n not in ("q", "k", "v", "return_lse")}
+    """The single ``attend`` call of the variant on this case (run through the one pipeline on a
+    recording numpy backend), or None."""
+    from . import pipeline
+    from .numerics import split_case
+    var = pipeline.variant_of(variant)
+    arrays, params, _ = split_case(var, case)
     rec = _Recorder()
-    var.forward(rec, {n: case[n] for n in ("q", "k", "v")}, var.parse_params(params))
+    pipeline.run(var, rec, arrays, params)
     return rec.calls[0] if len(rec.calls) == 1 else None
 
 

@@ -92,6 +92,25 @@ def _in_layout(shape_bhsd, layout: str):
     return (b, s, h, d) if layout == "bshd" else (b, h, s, d)
 
 
+def int_array(x, name: str, shape=None, low=None, high=None, meaning: str = "") -> np.ndarray:
+    """``x`` as an int64 array: integral dtype, of ``shape`` when given (a tuple, with ``None`` for
+    any size), with values in ``[low, high)`` when given. Messages name ``name`` and add
+    ``meaning`` (``"(the KV heads)"``) after what was expected."""
+    meaning = f" {meaning}" if meaning else ""
+    a = np.asarray(to_numpy(x, name))
+    if a.dtype.kind not in "iu":
+        raise ParameterError(f"{name}: expected integers{meaning}, got dtype {a.dtype}")
+    if shape is not None and (a.ndim != len(shape) or any(w is not None and w != h
+                                                          for w, h in zip(shape, a.shape))):
+        want = "(" + ", ".join("n" if w is None else str(w) for w in shape) + ("," if len(shape) == 1 else "") + ")"
+        raise ShapeError(f"{name}: expected shape {want}{meaning}, got {fmt_shape(a.shape)}")
+    if a.size and ((low is not None and a.min() < low) or (high is not None and a.max() >= high)):
+        span = f"[{'-inf' if low is None else low}, {'inf' if high is None else high})"
+        raise ParameterError(f"{name}: expected values in {span}{meaning}, got values in "
+                             f"[{a.min()}, {a.max()}]")
+    return a.astype(np.int64)
+
+
 def head_map_for(hq: int, hkv: int, head_map=None) -> np.ndarray:
     """The query-head -> KV-head map: ``h // (Hq // Hkv)`` by default, else the validated map."""
     if head_map is None:
@@ -99,16 +118,29 @@ def head_map_for(hq: int, hkv: int, head_map=None) -> np.ndarray:
             raise ShapeError(f"k: expected a number of KV heads dividing the {hq} query heads, got "
                              f"{hkv} (pass head_map= for uneven groupings)")
         return np.arange(hq) // (hq // hkv)
-    hm = to_numpy(head_map, "head_map")
-    if hm.dtype.kind not in "iu":
-        raise ParameterError(f"head_map: expected integers, got dtype {hm.dtype}")
-    if hm.shape != (hq,):
-        raise ShapeError(f"head_map: expected shape ({hq},) (one KV head per query head), "
-                         f"got {fmt_shape(hm.shape)}")
-    if hm.size and (hm.min() < 0 or hm.max() >= hkv):
-        raise ParameterError(f"head_map: expected values in [0, {hkv}) (the KV heads), "
-                             f"got values in [{hm.min()}, {hm.max()}]")
-    return hm.astype(np.intp)
+    return int_array(head_map, "head_map", (hq,), 0, hkv,
+                     meaning="(one KV head per query head)").astype(np.intp)
+
+
+def check_int(value, name: str, minimum=None, maximum=None, *, what=None) -> int:
+    """The one integer check: a Python or numpy integer (never a bool, a float or a string) in
+    ``[minimum, maximum]`` (either bound optional), returned as ``int``. ``what`` replaces the
+    expectation in the message ("an integer >= 1")."""
+    what = what or f"an integer{_bounds(minimum, maximum)}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ParameterError(f"{name}: expected {what}, got {value!r}")
+    v = int(value)
+    if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+        raise ParameterError(f"{name}: expected {what}, got {v}")
+    return v
+
+
+def _bounds(minimum, maximum) -> str:
+    if minimum is not None and maximum is not None:
+        return f" in [{minimum}, {maximum}]"
+    if minimum is not None:
+        return f" >= {minimum}"
+    return "" if maximum is None else f" <= {maximum}"
 
 
 def check_scale(scale, d: int) -> float:
@@ -142,12 +174,8 @@ def check_window(window):
         return None
     if isinstance(window, (str, bytes)) or not hasattr(window, "__len__") or len(window) != 2:
         raise ParameterError(f"window: expected a pair (left, right), got {window!r}")
-    out = []
-    for side, w in zip(("left", "right"), window):
-        if isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1:
-            raise ParameterError(f"window: expected {side} an integer >= -1 (-1 = unbounded), got {w!r}")
-        out.append(int(w))
-    return tuple(out)
+    return tuple(check_int(w, "window", -1, what=f"{side} an integer >= -1 (-1 = unbounded)")
+                 for side, w in zip(("left", "right"), window))
 
 
 def check_broadcast(a, name: str, target, *, dtype=None, kind: str = "float") -> np.ndarray:
@@ -189,8 +217,7 @@ def check_dropout(p, seed, mask):
     if seed is not None and mask is not None:
         raise ParameterError("dropout_seed, dropout_mask: expected one of them, got both")
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 64:
-            raise ParameterError(f"dropout_seed: expected an integer in [0, 2**64), got {seed!r}")
+        check_int(seed, "dropout_seed", 0, 2 ** 64 - 1, what="an integer in [0, 2**64)")
         if p == 0:
             raise ParameterError("dropout_seed: expected dropout_p in (0, 1) with a seed, "
                                  "got dropout_p=0")

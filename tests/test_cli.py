@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from refattn import golden
-from refattn.cli import compare as compare_mod
+from refattn.cli.compare import problem as problem_mod, run as run_mod
 from refattn.cli.main import cli
 from refattn.cli.options import Made, parse_params
 from refattn.variants.core import CoreParams
@@ -140,14 +140,14 @@ def test_compare_params_reach_the_computation():
 def test_compare_made_inputs_follow_the_seed():
     """Inputs are numpy's default_rng(seed) draws: q, k, v, then the made arrays in name order."""
     seen = {}
-    real = compare_mod.run_backend
+    real = run_mod.run_backend
 
-    def spy(problem, name, label, **kw):
+    def spy(problem, name, label, *args, **kw):
         seen.update(problem.inputs, **{k: v for k, v in problem.params.items()})
-        return real(problem, name, label, **kw)
+        return real(problem, name, label, *args, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(compare_mod, "run_backend", spy)
+        mp.setattr(run_mod, "run_backend", spy)
         code, _ = compare_json("--variant", "sdpa", "--shape", "1,2,3,4,5,2", "--seed", "11",
                                "--param", "sinks=random", "--param", "bias=random")
     rng = np.random.default_rng(11)
@@ -197,7 +197,7 @@ def test_compare_fails_with_exit_1_and_points_at_the_worst_index(tmp_path, monke
 
 
 def test_compare_shows_a_progress_bar_on_long_runs(monkeypatch):
-    monkeypatch.setattr(compare_mod, "PROGRESS_SCORES", 0)
+    monkeypatch.setattr(run_mod, "PROGRESS_SCORES", 0)
     result = run("compare", "--variant", "sdpa", "--shape", "1,1,8,4", "--backend", "numpy")
     assert result.exit_code == 0
     assert "numpy (reference)" in result.stderr and "numpy (reference)" not in result.stdout
@@ -252,9 +252,9 @@ def test_compare_float32_compute_dtype_is_checked_against_float64():
                                    "--param", "compute_dtype=float32", "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
-    assert data["tolerance"] == compare_mod.FLOAT32_TOLERANCE
+    assert data["tolerance"] == problem_mod.FLOAT32_TOLERANCE
     err = data["arrays"]["out"]["normwise_rel"]
-    assert 1e-9 < err < compare_mod.FLOAT32_TOLERANCE  # float32 rounding is visible, and bounded
+    assert 1e-9 < err < problem_mod.FLOAT32_TOLERANCE  # float32 rounding is visible, and bounded
 
 
 @pytest.mark.parametrize("name, hkv", [("mqa", 1), ("gqa", 2), ("sdpa", 8)])

@@ -440,7 +440,7 @@ NOT_CALLABLE = 3
     (["--dtype", "bf16"], ["--dtype", "--impl or --outputs", "'bf16'"]),
     (["--impl", "x:f", "--dtype", "bf17"], ["--dtype", "fp8_e4m3", "'bf17'"]),
     (["--impl", "x:f", "--adapter", "jax"], ["--adapter", "flash", "'jax'"]),
-    (["--impl", "x:f", "--framework", "jax"], ["--framework", "torch", "'jax'"]),
+    (["--impl", "x:f", "--framework", "mxnet"], ["--framework", "torch", "jax", "'mxnet'"]),
     (["--impl", "x:f", "--device", "cuda"], ["--device", "--framework torch", "'cuda'"]),
     (["--adapter", "sdpa"], ["--adapter: applies to --impl"]),
     (["--impl", "x:f", "--dtype", "bf16", "--factor", "x"], ["--factor", "'x'"]),

@@ -385,36 +385,42 @@ def test_numba_backend_agrees(name):
     from refattn import backends
     if "numba" not in backends.available():
         pytest.skip("numba backend not available")
+    from refattn import pipeline
     var = refattn.variants.get(name)
-    p = var.parse_params({"return_lse": True})
+    p = var.parse_params({})
     arrays = var.example((2, 4, 3, 9, 8, 2), np.random.default_rng(2), p)
-    ref = var.forward(backends.get("numpy"), arrays, p)
-    got = var.forward(backends.get("numba"), arrays, p)
-    for a, b in zip(got, ref):
-        assert np.linalg.norm(a - b) <= var.tolerance * np.linalg.norm(b)
+    ref = pipeline.run(var, "numpy", arrays, p)
+    dout = np.random.default_rng(2).standard_normal(ref.outputs["out"].shape)
+    ref = pipeline.run(var, "numpy", arrays, p, dout=dout if var.backward else None)
+    got = pipeline.run(var, "numba", arrays, p, dout=dout if var.backward else None)
+    assert set(got.outputs) == set(ref.outputs) == {"out", "lse"}
+    for n, b in ref.outputs.items():
+        assert np.linalg.norm(got.outputs[n] - b) <= var.tolerance * np.linalg.norm(b)
     if var.backward is not None:
-        dout = np.random.default_rng(2).standard_normal(ref[0].shape)
-        ref_g = var.backward(backends.get("numpy"), arrays, dout, p)
-        got_g = var.backward(backends.get("numba"), arrays, dout, p)
-        for a, b in zip(list(got_g[:3]) + [got_g[3][n] for n in sorted(ref_g[3])],
-                        list(ref_g[:3]) + [ref_g[3][n] for n in sorted(ref_g[3])]):
-            assert np.linalg.norm(a - b) <= 1e-12 * np.linalg.norm(b)
+        assert set(got.grads) == set(ref.grads)
+        for n, b in ref.grads.items():
+            assert np.linalg.norm(got.grads[n] - b) <= 1e-12 * np.linalg.norm(b), n
 
 
 
 def test_public_entry_points():
     q, k, v = rand(2, 2, 2, 4), rand(2, 2, 7, 4), rand(2, 2, 7, 4)
     lens = np.array([7, 5])
-    out, lse = KV.decode_attention(q, k, v, cache_seqlens=lens, return_lse=True)
+    with pytest.warns(DeprecationWarning, match=r"refattn.attention\(..., variant='decode'\)"):
+        out, lse = KV.decode_attention(q, k, v, cache_seqlens=lens, return_lse=True)
     kp, table = scatter_pages(k, lens, 3, np.random.default_rng(4))
     vp, _ = scatter_pages(v, lens, 3, np.random.default_rng(4))
-    paged = KV.paged_attention(q, kp, vp, table, lens, return_lse=True)
+    with pytest.warns(DeprecationWarning, match="paged_attention is deprecated"):
+        paged = KV.paged_attention(q, kp, vp, table, lens, return_lse=True)
+    one_call = refattn.attention(q, kp, vp, table, lens, variant="paged", return_lse=True)
+    np.testing.assert_array_equal(one_call[0], paged[0])
     for b, n in enumerate(lens):
         ref = reference_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], causal=True)
         assert_close((out[b:b + 1], lse[b:b + 1]), ref)
         assert_close((paged[0][b:b + 1], paged[1][b:b + 1]), ref)
     pk, pv = rand(2, 3, 4), rand(2, 3, 4)
-    got = KV.cascade_attention(q, k, v, pk, pv)
+    with pytest.warns(DeprecationWarning):
+        got = KV.cascade_attention(q, k, v, pk, pv)
     kk = np.concatenate([np.broadcast_to(pk, (2, 2, 3, 4)), k], axis=2)
     vv = np.concatenate([np.broadcast_to(pv, (2, 2, 3, 4)), v], axis=2)
     np.testing.assert_allclose(got, reference_attention(q, kk, vv, causal=True)[0], atol=1e-12, rtol=0)
@@ -441,8 +447,9 @@ def test_paged_backward_finite_differences():
     arrays = var.example((2, 2, 2, 7, 4, 1), np.random.default_rng(7), p)
 
     def grads(dout):
-        dq, dkp, dvp, _ = var.backward(NP, arrays, dout, p)
-        return {"q": dq, "k_pages": dkp, "v_pages": dvp}
+        g = var.backward(NP, arrays, dout, p)
+        assert set(g) == {"q", "k_pages", "v_pages"}
+        return g
     check_variant_grads(var, NP, arrays, p, grads, ["q", "k_pages", "v_pages"])
 
 
@@ -493,7 +500,7 @@ def test_paged_property(b, hkv, group, sk, block_size, data):
     lens = rng.integers(sq, sk + 1, size=b)
     kp, table = scatter_pages(k, lens, block_size, np.random.default_rng(1), spare=2)
     vp, _ = scatter_pages(v, lens, block_size, np.random.default_rng(1), spare=2)
-    out, lse = KV.paged_attention(q, kp, vp, table, lens, return_lse=True)
+    out, lse = refattn.attention(q, kp, vp, table, lens, variant="paged", return_lse=True)
     for bb, n in enumerate(lens):
         ref = reference_attention(q[bb:bb + 1], k[bb:bb + 1, :, :n], v[bb:bb + 1, :, :n], causal=True)
         assert_close((out[bb:bb + 1], lse[bb:bb + 1]), ref)

@@ -103,11 +103,16 @@ def test_metrics_by_hand():
     act = np.array([[1.5, -2.0], [0.25, 3.0]])
     m = N.metrics(act, ref, dtype="bf16", threshold=0.3)
     assert m["max_abs"] == 1.0 and m["worst_index"] == (1, 1)
-    assert m["max_rel"] == 0.5  # 0.5 / 1 beats 1 / 4; the zero of ref is left to max_abs
+    assert m["worst_actual"] == 3.0 and m["worst_expected"] == 4.0
+    assert m["max_rel"] == math.inf  # 0.25 where the reference is 0: a relative error is unbounded
+    m_nz = N.metrics(act[:, 1], ref[:, 1])
+    assert m_nz["max_rel"] == 0.25  # 1 / 4 beats 0 / 2
     assert m["normwise_rel"] == pytest.approx(math.sqrt(0.25 + 0.0625 + 1) / math.sqrt(21))
     assert m["mismatches"] == 2
-    assert m["max_ulp"] == pytest.approx(0.25 / 2.0 ** -133)  # at 0: the smallest bf16 subnormal
-    assert (m["nan"], m["inf"]) == (0, 0)
+    # ULPs count the bf16 values between: 0.25 = 2**-2 is bf16 bit pattern 125 << 7 = 16000 above
+    # +0; 1.5 vs 1.0 and 3 vs 4 are 64 apart (half a binade of 128 mantissa steps)
+    assert m["max_ulp"] == 16000.0
+    assert (m["nan"], m["inf"], m["nonfinite_mismatch"]) == ([0, 0], [0, 0], 0)
 
 
 def test_metrics_ulp_and_nans():
@@ -117,7 +122,8 @@ def test_metrics_ulp_and_nans():
     a = np.array([np.nan, 1.0, np.inf])
     r = np.array([np.nan, 1.0, 1.0])
     m = N.metrics(a, r, dtype="fp16")
-    assert (m["nan"], m["inf"], m["max_abs"], m["worst_index"]) == (1, 1, math.inf, (2,))
+    assert (m["nan"], m["inf"], m["max_abs"], m["worst_index"]) == ([1, 1], [1, 0], math.inf, (2,))
+    assert m["nonfinite_mismatch"] == 1 and m["normwise_rel"] == math.inf
     m = N.metrics(np.array([np.nan]), np.array([0.0]))
     assert m["max_abs"] == math.inf
     with pytest.raises(ShapeError, match=r"out: expected shape \(3,\) as the reference, got \(2,\)"):
@@ -253,7 +259,7 @@ def test_baseline_errors():
     case = _case()
     with pytest.raises(ParameterError, match="baseline: expected one of"):
         N.baseline(case, mode="fast")
-    with pytest.raises(ParameterError, match="q: expected the case to hold q, k and v"):
+    with pytest.raises(ParameterError, match=r"q: expected the case to hold the inputs of variant 'sdpa' \(q, k, v\)"):
         N.baseline({"k": case["k"], "v": case["v"]})
 
 

@@ -322,7 +322,7 @@ def test_numba_backend_agrees(name):
     if "numba" not in backends.available():
         pytest.skip("numba backend not available")
     var = refattn.variants.get(name)
-    p = var.parse_params({"causal": True, "return_lse": True})
+    p = var.parse_params({"return_lse": True, **({} if "causal" in var.drop else {"causal": True})})
     arrays = var.example((1, 4, 5, 7, 8, 2), np.random.default_rng(1), p)
     ref = var.forward(backends.get("numpy"), arrays, p)
     got = var.forward(backends.get("numba"), arrays, p)

@@ -181,7 +181,7 @@ def test_bigbird_hf_duplicates_lse_and_gradients():
 def test_bigbird_our_generator():
     bs, r, L = 4, 2, 64
     nb = L // bs
-    from refattn.variants.bigbird import refattn_rand_attn, window_and_global
+    from refattn.variants.sparse.bigbird import refattn_rand_attn, window_and_global
     t = refattn_rand_attn(nb, r, 3, seed=11)
     seen = window_and_global(nb)
     assert t.shape == (3, nb - 2, r)
@@ -213,10 +213,10 @@ def test_bigbird_errors_pad_and_fallback():
                                  block_size=4, num_random_blocks=1)
     np.testing.assert_allclose(full, refattn.attention(q[:, :, :28], k[:, :, :28], v[:, :, :28]),
                                rtol=0, atol=1e-14)
-    with pytest.raises(ShapeError, match=r"rand_attn: expected integer blocks of shape \(2, 6, 1\)"):
+    with pytest.raises(ShapeError, match=r"rand_attn: expected shape \(2, 6, 1\) \(Hq, nb-2, r\) of block indices"):
         refattn.attention(q, k, v, variant="bigbird", block_size=4,
                           num_random_blocks=1, rand_attn=np.zeros((2, 5, 1), int), pad=True)
-    with pytest.raises(ParameterError, match="rand_attn: expected block indices in"):
+    with pytest.raises(ParameterError, match=r"rand_attn: expected values in \[0, 8\)"):
         refattn.attention(q, k, v, variant="bigbird", block_size=4, num_random_blocks=1, pad=True,
                           rand_attn=np.full((2, 6, 1), 8))
     with pytest.raises(ParameterError, match="duplicates"):

@@ -11,7 +11,7 @@ import pytest
 
 import refattn
 from refattn.patterns import Pattern
-from refattn.variants.bigbird import multiplicity, refattn_rand_attn, window_and_global
+from refattn.variants.sparse.bigbird import multiplicity, refattn_rand_attn, window_and_global
 from reference import reference_attention
 
 

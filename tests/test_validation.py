@@ -160,7 +160,7 @@ CASES = {
     "unknown_variant": (None, dict(variant="sdpaa"), errors.UnknownVariant, ValueError, "variant",
                         ["sdpa, ", "got 'sdpaa'"]),
     "unknown_parameter": (None, dict(causall=True), errors.ParameterError, ValueError, "causall",
-                          ["not a parameter of variant 'sdpa'", "causal", "got causall"]),
+                          ["not an input or parameter of variant 'sdpa'", "causal", "got causall"]),
     "causal_string": (None, dict(causal="yes"), errors.ParameterError, ValueError, "causal",
                       ["'top_left'", "got 'yes'"]),
     "causal_int": (None, dict(causal=1), errors.ParameterError, ValueError, "causal", ["got 1"]),

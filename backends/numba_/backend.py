@@ -43,6 +43,7 @@ import scipy.linalg.cython_blas  # noqa: F401  numba's np.dot calls this BLAS: l
 from threadpoolctl import ThreadpoolController
 
 from refattn.errors import ParameterError
+from refattn.validate import check_int
 from refattn.patterns import EMPTY
 from ..base import Backend
 from . import _kernels
@@ -139,10 +140,7 @@ class NumbaBackend(Backend):
     compute_dtypes = ("float64", "float32")
 
     def __init__(self, block_q: int = 64, block_k: int = 64):
-        for name, val in (("block_q", block_q), ("block_k", block_k)):
-            if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
-                raise ParameterError(f"{name}: expected an integer >= 1, got {val!r}")
-        self.block_q, self.block_k = int(block_q), int(block_k)
+        self.block_q, self.block_k = check_int(block_q, "block_q", 1), check_int(block_k, "block_k", 1)
 
     @property
     def xp(self):

@@ -34,6 +34,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from .. import numerics, variants
+from .. import validate as V
 from ..position import alibi_slopes
 from ..errors import ParameterError
 
@@ -94,12 +95,11 @@ def attention_inputs(variant: str = "sdpa", max_seq: int = 64, *, min_seq: int =
     unknown dtype raise at once."""
     var = variants.get(variant)
     for name, val in (("min_seq", min_seq), ("max_batch", max_batch), ("max_heads", max_heads)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ParameterError(f"{name}: expected an integer >= 1, got {val!r}")
-    if isinstance(max_seq, bool) or not isinstance(max_seq, int) or max_seq < min_seq:
-        raise ParameterError(f"max_seq: expected an integer >= min_seq ({min_seq}), got {max_seq!r}")
-    if not head_dims or any(not isinstance(d, int) or d < 1 for d in head_dims):
+        V.check_int(val, name, 1)
+    V.check_int(max_seq, "max_seq", min_seq, what=f"an integer >= min_seq ({min_seq})")
+    if not head_dims:
         raise ParameterError(f"head_dims: expected positive integers, got {head_dims!r}")
+    head_dims = [V.check_int(d, "head_dims", 1) for d in head_dims]
     name = numerics.canonical(dtype) if dtype is not None else None
     return _cases(var, variant, max_seq, min_seq, max_batch, max_heads, tuple(head_dims), name,
                   dict(causal=causal, alignment=alignment, window=window, mask=mask, scale=scale,

@@ -1,10 +1,29 @@
 """The variant registry: ``register``, ``get``, ``list``.
 
-A :class:`Variant` is a description (name, family, doc, citation, parameter dataclass, supported
-backends, default tolerance) plus readable forward/backward functions written against the backend
-interface. Docs, ``refattn list``, the CLI and test parametrisation all read this one declaration.
+A :class:`Variant` is a description (name, family, doc, citation, declared inputs, parameter
+dataclass, supported backends, default tolerance) plus readable forward/backward functions written
+against the backend interface. Docs, ``refattn list``, the CLI, the one pipeline
+(:mod:`refattn.pipeline`) and test parametrisation all read this one declaration.
 
-Families register on first use of the registry (no import-time side effects in ``refattn``).
+Inputs and parameters: the rule for arrays
+------------------------------------------
+Every variant is called the same way, ``refattn.attention(*inputs, variant=V, **inputs, **params)``.
+What a variant names in ``Variant.inputs`` is an *input*; everything else it accepts is a
+*parameter* (its dataclass ``params``):
+
+* an array the variant cannot run without is an input (``q, k, v``; ``table`` for t5; ``k_pages``,
+  ``v_pages``, ``block_table``, ``seq_lens`` for paged; ``hidden`` and the weights for mla; ``u``,
+  ``delta``, ``A``, ``B``, ``C`` for a state-space scan);
+* an optional array that modifies the computation stays a parameter (``mask``, ``bias``, ``sinks``,
+  ``alibi_slopes``, ``dropout_mask``, ``head_map``, ``gates``, ...), as do scalars and choices.
+
+Inputs bind positionally in the declared order or by name; a missing input, an input given twice,
+an extra positional array and an unknown keyword are errors naming the argument and listing the
+variant's inputs and parameters. ``Variant.input_shapes`` gives each input's shape in symbols
+(``refattn list --json`` shows them).
+
+Families register on first use of the registry (no import-time side effects in ``refattn``; the
+registry module itself is imported with ``refattn``, so ``refattn.variants.list()`` works at once).
 """
 
 from __future__ import annotations
@@ -19,19 +38,27 @@ from ..errors import ParameterError, UnknownVariant
 
 #: modules that register variants when the registry is first used
 FAMILY_MODULES = ("refattn.variants.core", "refattn.variants.position", "refattn.variants.kvcache",
-                  "refattn.variants.sparse", "refattn.variants.bigbird", "refattn.variants.longformer")
+                  "refattn.variants.sparse")
 
 _REGISTRY: dict = {}
 _loaded = False
+#: symbolic shapes of the attention inputs (bhsd; ``layout="bshd"`` swaps H and S)
+_QKV_SHAPES = {"q": "(B, Hq, Sq, D)", "k": "(B, Hkv, Sk, D)", "v": "(B, Hkv, Sk, Dv)"}
 
 
 @dataclass(frozen=True)
 class Variant:
     """One registered attention variant.
 
-    ``forward(backend, arrays, params) -> (out, lse)`` and
-    ``backward(backend, arrays, dout, params) -> (dq, dk, dv, extras)`` take the validated
-    parameter dataclass; ``arrays`` maps the names in ``inputs`` to the caller's arrays.
+    ``forward(backend, arrays, params)`` returns ``(out, lse)`` (attention variants; ``lse`` may be
+    None) or a dict of named outputs whose first key is ``"out"`` (``outputs`` lists the names);
+    ``backward(backend, arrays, dout, params)`` returns ``(dq, dk, dv, extras)`` for variants whose
+    first inputs are ``q, k, v`` (``extras``: gradients of their other inputs and learnable
+    parameters) or a dict of gradients keyed by input (and parameter) name. Both take the
+    validated parameter dataclass; ``arrays`` maps the names in ``inputs`` to the caller's arrays.
+    ``drop`` names fields of ``params`` (inherited core knobs) that this variant does not honour:
+    they are not part of its schema (an error when given, absent from ``refattn list``), and the
+    definition sees their defaults.
     ``tolerance`` is the default normwise relative error allowed between two float64
     evaluations (backend versus numpy, golden versus now).
     ``example(shape, rng, params) -> dict`` builds inputs for the CLI and golden cases.
@@ -50,6 +77,14 @@ class Variant:
     backends: tuple = ("numpy",)
     tolerance: float = 1e-12
     inputs: tuple = ("q", "k", "v")
+    #: input name -> its shape in symbols; q, k, v default to the bhsd shapes
+    input_shapes: dict = field(default_factory=dict, compare=False)
+    #: names of the forward's outputs, ``"out"`` first; ``return_<name>`` parameters select extras
+    outputs: tuple = ("out", "lse")
+    drop: tuple = ()
+    #: a variant equal to this one by definition, used for the same-precision emulation when this
+    #: one does not compute through ``attend`` (``flash`` -> ``"sdpa"``)
+    emulate_as: Optional[str] = None
     example: Optional[Callable] = None
     aliases: tuple = ()
     #: (B, Hq, Sq, Sk, D, Hkv) of the inputs ``refattn compare`` / ``refattn mask`` make when no
@@ -58,20 +93,46 @@ class Variant:
     default_shape: tuple = (1, 8, 256, 256, 64, 8)
     verdict: Optional[dict] = field(default=None, compare=False)  # a dict: kept out of hash()
 
-    def parse_params(self, values: dict):
-        """The parameter dataclass from keyword values; unknown names are an error."""
+    def __post_init__(self):
         known = {f.name for f in dataclasses.fields(self.params)}
-        unknown = sorted(set(values) - known)
+        bad = sorted(set(self.drop) - known)
+        if bad:
+            raise ParameterError(f"drop: {bad[0]!r} is not a field of {self.params.__name__}")
+        shapes = {n: _QKV_SHAPES[n] for n in self.inputs if n in _QKV_SHAPES}
+        shapes.update(self.input_shapes)
+        missing = [n for n in self.inputs if n not in shapes]
+        if missing:
+            raise ParameterError(f"input_shapes: variant {self.name!r} declares no shape for "
+                                 f"input {missing[0]!r}")
+        object.__setattr__(self, "input_shapes", {n: shapes[n] for n in self.inputs})
+
+    @property
+    def on_qkv(self) -> bool:
+        """True when the first inputs are ``q, k, v`` (backward returns ``(dq, dk, dv, extras)``)."""
+        return tuple(self.inputs[:3]) == ("q", "k", "v")
+
+    def fields(self) -> builtins.list:
+        """The names of the parameters this variant honours (its schema, in declaration order)."""
+        return [f.name for f in dataclasses.fields(self.params) if f.name not in self.drop]
+
+    def parse_params(self, values: dict):
+        """The parameter dataclass from keyword values; unknown (or dropped) names are an error."""
+        known = self.fields()
+        unknown = sorted(set(values) - set(known))
         if unknown:
+            what = "an input or parameter" if unknown[0] not in self.inputs else "a parameter"
             raise ParameterError(
-                f"{unknown[0]}: not a parameter of variant {self.name!r}; expected one of "
-                f"{', '.join(sorted(known))}, got {', '.join(unknown)}")
+                f"{unknown[0]}: not {what} of variant {self.name!r}; expected inputs "
+                f"{', '.join(self.inputs)} and parameters {', '.join(sorted(known))}, got "
+                f"{', '.join(unknown)}")
         return self.params(**values)
 
     def parameters(self) -> builtins.list:
-        """``[(name, default, help)]`` for docs and ``refattn list``."""
+        """``[(name, default, help)]`` of the parameters this variant honours."""
         out = []
         for f in dataclasses.fields(self.params):
+            if f.name in self.drop:
+                continue
             default = f.default if f.default is not dataclasses.MISSING else None
             out.append((f.name, default, f.metadata.get("help", "")))
         return out

@@ -128,9 +128,6 @@ def prepare(backend, arrays: dict, p: CoreParams, heads: Optional[str] = None) -
                          f"got {hkv}")
     if heads == "mqa" and hkv != 1:
         raise ShapeError(f"k: expected 1 KV head for variant 'mqa', got {hkv}")
-    if heads in ("mha", "mqa") and p.head_map is not None:
-        raise ParameterError(f"head_map: expected None for variant {heads!r}, which fixes the head "
-                             f"relation (use 'gqa' or 'sdpa'), got {p.head_map!r}")
     head_map = V.head_map_for(hq, hkv, p.head_map)
 
     alignment = p.causal if isinstance(p.causal, str) else p.alignment
@@ -280,12 +277,9 @@ def flash_tiles(backend, pre: Prepared, block_q: int, block_k: int, stats: Optio
 
 
 def _flash_forward(backend, arrays, p: FlashParams):
-    for name in ("block_q", "block_k"):
-        val = getattr(p, name)
-        if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < 1:
-            raise ParameterError(f"{name}: expected an integer >= 1, got {val!r}")
+    bq, bk = V.check_int(p.block_q, "block_q", 1), V.check_int(p.block_k, "block_k", 1)
     pre = prepare(backend, arrays, p)
-    out, lse = flash_tiles(backend, pre, int(p.block_q), int(p.block_k))
+    out, lse = flash_tiles(backend, pre, bq, bk)
     return finish(backend.to_numpy(out), backend.to_numpy(lse), p)
 
 
@@ -310,12 +304,13 @@ register(Variant(
     citation=_CITE_SDPA, params=CoreParams, forward=_forward(None), backward=_backward(None), **_COMMON))
 register(Variant(
     name="mha", doc="Multi-head attention: sdpa with as many KV heads as query heads.",
-    citation=_CITE_SDPA, params=CoreParams, forward=_forward("mha"), backward=_backward("mha"), **_COMMON))
+    citation=_CITE_SDPA, params=CoreParams, forward=_forward("mha"), backward=_backward("mha"),
+    drop=("head_map",), **_COMMON))
 register(Variant(
     name="mqa", doc="Multi-query attention: sdpa with one KV head shared by every query head.",
     citation="Shazeer, Fast Transformer Decoding: One Write-Head is All You Need, 2019",
     params=CoreParams, forward=_forward("mqa"), backward=_backward("mqa"),
-    default_shape=(1, 8, 256, 256, 64, 1), **_COMMON))
+    default_shape=(1, 8, 256, 256, 64, 1), drop=("head_map",), **_COMMON))
 register(Variant(
     name="gqa", doc="Grouped-query attention: query head h reads KV head h // (Hq // Hkv); "
     "head_map= allows uneven groupings (QCQA).",
@@ -327,4 +322,4 @@ register(Variant(
     "block_k, running max and sum); equals sdpa to float64 rounding. Backward as sdpa.",
     citation="Dao et al., FlashAttention, NeurIPS 2022; Dao, FlashAttention-2, ICLR 2024",
     params=FlashParams, forward=_flash_forward, backward=_backward(None), family="core",
-    backends=("numpy",), tolerance=1e-12, example=example))
+    backends=("numpy",), tolerance=1e-12, example=example, emulate_as="sdpa"))

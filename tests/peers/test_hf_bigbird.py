@@ -21,7 +21,7 @@ from transformers import BigBirdConfig, BigBirdModel  # noqa: E402
 from transformers.models.big_bird.modeling_big_bird import BigBirdBlockSparseAttention  # noqa: E402
 
 import refattn  # noqa: E402
-from refattn.variants.bigbird import BigBirdFallbackWarning, multiplicity, window_and_global  # noqa: E402
+from refattn.variants.sparse.bigbird import BigBirdFallbackWarning, multiplicity, window_and_global  # noqa: E402
 
 pytestmark = pytest.mark.peers
 
@@ -77,7 +77,7 @@ def test_matches_hf_with_captured_table(seq_len, block_size, r, seed):
 @pytest.mark.parametrize("seq_len, block_size, r, seed", CASES)
 def test_hf_generator_reproduced_from_seed(seq_len, block_size, r, seed):
     out_hf, (q, k, v), table = hf_run(seq_len, block_size, r, seed, batch=1)
-    from refattn.variants.bigbird import hf_rand_attn
+    from refattn.variants.sparse.bigbird import hf_rand_attn
     np.testing.assert_array_equal(hf_rand_attn(seq_len, block_size, r, HEADS, seed), table)
     ours = refattn.attention(q, k, v, variant="bigbird", block_size=block_size, num_random_blocks=r,
                              generator="hf", seed=seed, duplicates="hf")

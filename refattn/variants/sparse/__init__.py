@@ -21,17 +21,18 @@ semantics; ``nsa`` has no backward.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .. import validate as V
-from ..errors import ParameterError, ShapeError, fmt_shape
-from ..patterns import (BlockSparse, Dilated, Global, Heads, Intersection, LocalBlocks, Pattern,
+from ... import validate as V
+from ...errors import ParameterError, ShapeError, fmt_shape
+from ...patterns import (BlockSparse, Dilated, Global, Heads, Intersection, LocalBlocks, Pattern,
                         RandomKeys, Summary, blocks_from_table, random_keys)
-from . import Variant, param_field, register
-from .core import CoreParams, Prepared, backward_for_caller, example as core_example, finish, prepare
+from .. import Variant, param_field, register
+from ..core import CoreParams, Prepared, backward_for_caller, example as core_example, finish, prepare
 
 
 # -- the one forward/backward every pattern variant uses --------------------------------------
@@ -83,20 +84,16 @@ def sparse_example(default_shape):
 
 def _pair(value, name, minimum=-1):
     """``(left, right)`` from a pair or a single int ``w`` (= ``(w, w)``)."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        value = (int(value), int(value))
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        value = (value, value)
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
         raise ParameterError(f"{name}: expected an integer or a pair (left, right), got {value!r}")
-    for w in value:
-        if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < minimum:
-            raise ParameterError(f"{name}: expected integers >= {minimum} (-1 = unbounded), got {value!r}")
-    return int(value[0]), int(value[1])
+    return (V.check_int(value[0], f"{name} (left; -1 = unbounded)", minimum),
+            V.check_int(value[1], f"{name} (right; -1 = unbounded)", minimum))
 
 
 def _posint(value, name, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ParameterError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return V.check_int(value, name, minimum)
 
 
 def _per_head(value, name, hq, minimum=1):
@@ -697,3 +694,7 @@ register(Variant(
     citation="Yuan et al., Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse "
     "Attention, ACL 2025", params=NSAParams, forward=_nsa_forward, backward=None,
     example=sparse_example((1, 4, 256, 256, 32, 2)), **COMMON))
+
+
+# BigBird and Longformer live beside this module and register when the family loads.
+from . import bigbird, longformer  # noqa: E402,F401

@@ -27,15 +27,15 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .. import kvcache as KV
-from .. import position as P
-from .. import validate as V
-from ..errors import ParameterError, ShapeError, fmt_shape
-from ..patterns import Pattern
+from . import serving as KV
+from ..position import encodings as P
+from ... import validate as V
+from ...errors import ParameterError, ShapeError, fmt_shape
+from ...patterns import Pattern
 from refattn.backends.base import ScoreMod
-from . import Variant, param_field, register
-from .core import CoreParams, backward_prepared, example as core_example, prepare, to_layout
-from .position import (attend_finish, rope_positions, to_caller,
+from .. import Variant, param_field, register
+from ..core import CoreParams, backward_prepared, example as core_example, prepare, to_layout
+from ..position import (attend_finish, rope_positions, to_caller,
                        user_bias_grad)
 
 _BACKENDS = ("numpy", "numba")
@@ -81,9 +81,7 @@ def _decode_prepare(backend, arrays, p, seq_lens, name="cache_seqlens"):
         w = p.sliding_window
         if window is not None:
             raise ParameterError("sliding_window: given together with window=; give one")
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise ParameterError(f"sliding_window: expected an integer >= 1 (tokens, self included), got {w!r}")
-        window = (w - 1, 0)
+        window = (V.check_int(w, "sliding_window", 1) - 1, 0)
     pre = prepare(backend, arrays, dataclasses.replace(p, causal=False, window=None))
     b, sq, sk = pre.q.shape[0], pre.q.shape[2], pre.k.shape[2]
     lens = np.full(b, sk) if seq_lens is None else KV.int_array(seq_lens, name, (b,))
@@ -128,30 +126,28 @@ register(Variant(
     "per batch entry), bottom-right causal, optional sliding window; equals the last rows of causal sdpa.",
     citation="Pope et al., Efficiently Scaling Transformer Inference, MLSys 2023",
     params=DecodeParams, forward=_decode_forward, backward=_decode_backward, backends=_BACKENDS,
-    example=core_example))
+    example=core_example, drop=("alignment",)))
 
 
 @dataclass(frozen=True)
 class PagedParams(DecodeParams):
-    cache_seqlens: Any = param_field(None, "not used by 'paged': the lengths are the input seq_lens")
-    block_size: int = param_field(4, "tokens per page (the example builds pages of this size)")
+    block_size: Optional[int] = param_field(None, "tokens per page; default: read from k_pages "
+                                                  "(the example builds pages of 4 tokens)")
 
 
-def _block_size(p) -> int:
-    bs = getattr(p, "block_size", 4)
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise ParameterError(f"block_size: expected an integer >= 1 (tokens per page), got {bs!r}")
-    return bs
+def _block_size(p, default: int = 4) -> int:
+    bs = getattr(p, "block_size", None)
+    return default if bs is None else V.check_int(bs, "block_size", 1)
 
 
 def _paged_inputs(arrays, p: PagedParams):
-    if p.cache_seqlens is not None:
-        raise ParameterError("cache_seqlens: 'paged' takes the lengths from the input seq_lens")
-    _block_size(p)
     kp, vp = (V.as_compute(arrays[n], n) for n in ("k_pages", "v_pages"))
+    if kp.ndim != 4:
+        raise ShapeError(f"k_pages: expected (num_blocks, block_size, Hkv, D), got {fmt_shape(kp.shape)}")
+    bs = _block_size(p, kp.shape[1])
     for n, a in (("k_pages", kp), ("v_pages", vp)):
-        if a.ndim != 4 or a.shape[1] != p.block_size:
-            raise ShapeError(f"{n}: expected (num_blocks, block_size={p.block_size}, Hkv, D), "
+        if a.ndim != 4 or a.shape[1] != bs:
+            raise ShapeError(f"{n}: expected (num_blocks, block_size={bs}, Hkv, D), "
                              f"got {fmt_shape(a.shape)}")
     if kp.shape[:3] != vp.shape[:3]:
         raise ShapeError(f"v_pages: expected {fmt_shape(kp.shape[:3])} + (Dv,) as k_pages, "
@@ -168,13 +164,13 @@ def _paged_forward(backend, arrays, p: PagedParams):
 
 
 def _paged_backward(backend, arrays, dout, p: PagedParams):
-    """``(dq, dk_pages, dv_pages, extras)``: K/V gradients scattered back into page-shaped arrays
-    (rows no sequence uses get 0)."""
+    """Gradients keyed by input: ``q``, and ``k_pages``/``v_pages`` scattered back into page-shaped
+    arrays (rows no sequence uses get 0), plus ``bias``/``sinks`` where given."""
     gathered, k_shape, v_shape = _paged_inputs(arrays, p)
     dq, dk, dv, extras = _decode_grads(backend, gathered, dout, p, arrays["seq_lens"], "seq_lens")
     table, lens = KV.validate_block_table(arrays["block_table"], arrays["seq_lens"], k_shape[0], k_shape[1])
-    return (to_layout(dq, p), KV.scatter_paged(dk, table, lens, k_shape),
-            KV.scatter_paged(dv, table, lens, v_shape), extras)
+    return {"q": to_layout(dq, p), "k_pages": KV.scatter_paged(dk, table, lens, k_shape),
+            "v_pages": KV.scatter_paged(dv, table, lens, v_shape), **extras}
 
 
 def _paged_example(shape, rng, params):
@@ -205,7 +201,11 @@ register(Variant(
     "seq_lens (B,); equals decode over the gathered contiguous cache. Bad tables are errors.",
     citation="Kwon et al., Efficient Memory Management for LLM Serving with PagedAttention, SOSP 2023",
     params=PagedParams, forward=_paged_forward, backward=_paged_backward, backends=_BACKENDS,
-    inputs=("q", "k_pages", "v_pages", "block_table", "seq_lens"), example=_paged_example))
+    inputs=("q", "k_pages", "v_pages", "block_table", "seq_lens"), example=_paged_example,
+    input_shapes={"q": "(B, Hq, Sq, D)", "k_pages": "(num_blocks, block_size, Hkv, D)",
+                  "v_pages": "(num_blocks, block_size, Hkv, Dv)", "block_table": "(B, max_blocks) int",
+                  "seq_lens": "(B,) int"},
+    drop=("alignment", "cache_seqlens")))
 
 
 # -- MLA --------------------------------------------------------------------------------------------
@@ -275,7 +275,10 @@ register(Variant(
     "refattn.kvcache.mla_cache_bytes for the cache size of each.",
     citation="DeepSeek-AI, DeepSeek-V2: A Strong, Economical, and Efficient Mixture-of-Experts "
     "Language Model, 2024", params=MLAParams, forward=mla, backends=_BACKENDS,
-    inputs=("q", "hidden", "w_dkv", "w_uk", "w_uv", "w_kr"), example=_mla_example))
+    inputs=("q", "hidden", "w_dkv", "w_uk", "w_uv", "w_kr"), example=_mla_example,
+    input_shapes={"q": "(B, H, Sq, d_nope + d_rope)", "hidden": "(B, Sk, d_model)",
+                  "w_dkv": "(d_model, d_c)", "w_uk": "(H, d_c, d_nope)", "w_uv": "(H, d_c, d_v)",
+                  "w_kr": "(d_model, d_rope)"}))
 
 
 # -- cascade ----------------------------------------------------------------------------------------
@@ -345,7 +348,8 @@ register(Variant(
     "merged with merge_states; equals attention over [prefix; suffix].",
     citation="Ye et al., FlashInfer (cascade inference), 2024; Juravsky et al., Hydragen, 2024",
     params=CascadeParams, forward=_cascade_forward, backward=_cascade_backward, backends=_BACKENDS,
-    inputs=("q", "k", "v", "prefix_k", "prefix_v"), example=_cascade_example))
+    inputs=("q", "k", "v", "prefix_k", "prefix_v"), example=_cascade_example,
+    input_shapes={"prefix_k": "(Hkv, Sp, D)", "prefix_v": "(Hkv, Sp, Dv)"}))
 
 
 # -- ring ---------------------------------------------------------------------------------------------
@@ -445,4 +449,5 @@ register(Variant(
     "group mean, optional ||v|| and sinks; the lowest `ratio` dropped, then sdpa.",
     citation="Devoto et al., Expected Attention: KV-cache Compression by Estimating Attention from "
     "Future Queries Distribution, 2025", params=ExpectedParams, forward=_expected_forward,
-    backends=_BACKENDS, inputs=("q", "k", "v", "mu", "cov"), example=_expected_example))
+    backends=_BACKENDS, inputs=("q", "k", "v", "mu", "cov"), example=_expected_example,
+    input_shapes={"mu": "(B, Hq, D)", "cov": "(B, Hq, D, D)"}))

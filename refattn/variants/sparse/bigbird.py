@@ -39,12 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from .. import validate as V
-from ..errors import ParameterError, ShapeError, fmt_shape
-from ..patterns import BlockSparse
-from . import Variant, param_field, register
-from .core import CoreParams, check_dout, finish, prepare, to_layout
-from .sparse import COMMON, PATTERNS, attend_pattern, sparse_example, with_core
+from ... import validate as V
+from ...errors import ParameterError, ShapeError, fmt_shape
+from ...patterns import BlockSparse
+from .. import Variant, param_field, register
+from ..core import CoreParams, check_dout, finish, prepare, to_layout
+from . import COMMON, PATTERNS, attend_pattern, sparse_example, with_core
 
 
 class BigBirdFallbackWarning(UserWarning):
@@ -224,17 +224,10 @@ def bigbird_rand_attn(p: BigBirdParams, seq_len: int, heads: int) -> np.ndarray:
     bs, r = p.block_size, p.num_random_blocks
     nb = -(-seq_len // bs)
     if p.rand_attn is not None:
-        t = np.asarray(V.to_numpy(p.rand_attn, "rand_attn"))
-        if t.dtype.kind not in "iu" or t.shape != (heads, nb - 2, r):
-            raise ShapeError(f"rand_attn: expected integer blocks of shape ({heads}, {nb - 2}, {r}) "
-                             f"(Hq, nb-2, r), got {t.dtype} {fmt_shape(t.shape)}")
-        if t.size and (t.min() < 0 or t.max() >= nb):
-            raise ParameterError(f"rand_attn: expected block indices in [0, {nb}), got "
-                                 f"[{t.min()}, {t.max()}]")
-        return t.astype(np.int64)
+        return V.int_array(p.rand_attn, "rand_attn", (heads, nb - 2, r), 0, nb,
+                           meaning="(Hq, nb-2, r) of block indices")
     V.check_choice(p.generator, "generator", ("refattn", "hf", "hf_eval"))
-    if isinstance(p.seed, bool) or not isinstance(p.seed, (int, np.integer)) or p.seed < 0:
-        raise ParameterError(f"seed: expected a non-negative integer, got {p.seed!r}")
+    V.check_int(p.seed, "seed", 0)
     if p.generator == "refattn":
         return refattn_rand_attn(nb, r, heads, int(p.seed))
     return hf_rand_attn(nb * bs, bs, r, heads, int(p.seed), p.max_position_embeddings,
@@ -244,12 +237,10 @@ def bigbird_rand_attn(p: BigBirdParams, seq_len: int, heads: int) -> np.ndarray:
 def bigbird_layers(p: BigBirdParams, seq_len: int, heads: int, alignment="bottom_right"):
     """The patterns to attend over: ``[layout]`` (a set), or one per multiplicity level with
     ``duplicates="hf"``; None when the length falls back to full attention."""
-    for name in ("block_size", "num_random_blocks", "max_position_embeddings"):
-        val = getattr(p, name)
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < (name == "block_size"):
-            raise ParameterError(f"{name}: expected an integer >= {int(name == 'block_size')}, got {val!r}")
+    bs = V.check_int(p.block_size, "block_size", 1)
+    r = V.check_int(p.num_random_blocks, "num_random_blocks", 0)
+    V.check_int(p.max_position_embeddings, "max_position_embeddings", 0)
     V.check_choice(p.duplicates, "duplicates", ("once", "hf"))
-    bs, r = p.block_size, p.num_random_blocks
     if seq_len % bs and not p.pad:
         raise ShapeError(f"q: expected a sequence length that is a multiple of block_size={bs}, got "
                          f"{seq_len} (pass pad=True to pad as HF does)")

@@ -26,12 +26,12 @@ from typing import Any, Optional
 import numpy as np
 
 from refattn.backends.base import ScoreMod
-from .. import position as P
-from .. import validate as V
-from ..errors import ParameterError, ShapeError, fmt_shape
-from ..patterns import diagonal_offset
-from . import Variant, param_field, register
-from .core import (CoreParams, _backward, _forward, backward_prepared, example as core_example,
+from . import encodings as P
+from ... import validate as V
+from ...errors import ParameterError, ShapeError, fmt_shape
+from ...patterns import diagonal_offset
+from .. import Variant, param_field, register
+from ..core import (CoreParams, _backward, _forward, backward_prepared, example as core_example,
                    finish, prepare, to_layout)
 
 _BACKENDS = ("numpy", "numba")
@@ -246,22 +246,18 @@ register(Variant(
     citation="Raffel et al., Exploring the Limits of Transfer Learning with a Unified Text-to-Text "
     "Transformer, JMLR 2020", params=T5Params, forward=_t5_forward, backward=_t5_backward,
     backends=_BACKENDS,
-    inputs=("q", "k", "v", "table"), example=_t5_example))
+    inputs=("q", "k", "v", "table"), example=_t5_example,
+    input_shapes={"table": "(num_buckets, Hq)"}))
 
 
 # -- transformer_xl --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TXLParams(CoreParams):
-    causal: Any = param_field(True, "Transformer-XL is causal (bottom-right over [memory; segment])")
+    causal: Any = param_field(True, "fixed: Transformer-XL is causal, bottom-right over [memory; segment]")
     form: str = param_field("shift", "'shift' (the relative-shift trick) or 'direct' (per-pair lookup)")
 
 
 def _txl_prepare(backend, arrays, p: TXLParams):
-    if p.causal is not True and p.causal != "bottom_right":
-        raise ParameterError(f"causal: transformer_xl is causal with bottom-right alignment (memory "
-                             f"first), got causal={p.causal!r}")
-    if p.alignment != "bottom_right":
-        raise ParameterError(f"alignment: transformer_xl needs 'bottom_right', got {p.alignment!r}")
     pre = prepare(backend, arrays, p)
     q, k, pos_k, u, w = P._txl_check(pre.q, pre.k[:, pre.head_map], arrays["pos_k"], arrays["bias_u"],
                                      arrays["bias_v"])
@@ -313,7 +309,9 @@ register(Variant(
     "[memory; segment] keys, causal; form='shift' (rel-shift trick) or 'direct' -- equal.",
     citation="Dai et al., Transformer-XL: Attentive Language Models beyond a Fixed-Length Context, ACL 2019",
     params=TXLParams, forward=_txl_forward, backward=_txl_backward, backends=_BACKENDS,
-    inputs=("q", "k", "v", "pos_k", "bias_u", "bias_v"), example=_txl_example))
+    inputs=("q", "k", "v", "pos_k", "bias_u", "bias_v"), example=_txl_example,
+    input_shapes={"pos_k": "(Hq, Sk, D)", "bias_u": "(Hq, D)", "bias_v": "(Hq, D)"},
+    drop=("causal", "alignment")))
 
 
 # -- nope -------------------------------------------------------------------------------------------------

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from .. import validate as V
-from ..errors import ParameterError, ShapeError, fmt_shape
-from ..patterns import Dilated, Global, Heads
-from . import Variant, param_field, register
-from .core import CoreParams, check_dout, finish, prepare, to_layout
-from .sparse import (COMMON, PATTERNS, _per_head, _posint, _shape, attend_pattern,
+from ... import validate as V
+from ...errors import ParameterError, ShapeError, fmt_shape
+from ...patterns import Dilated, Global, Heads
+from .. import Variant, param_field, register
+from ..core import CoreParams, check_dout, finish, prepare, to_layout
+from . import (COMMON, PATTERNS, _per_head, _posint, _shape, attend_pattern,
                      sparse_example, with_core)
 
 
