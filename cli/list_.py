@@ -1,13 +1,17 @@
 """``refattn list``: the registered variants.
 
 The table shows name, family, backends, default tolerance and the first sentence of the doc; with
-``--family`` (or ``--params``) each variant's parameters follow with their defaults and help.
+``--family`` (or ``--params``) each variant's inputs (with their shapes) and the parameters it
+honours follow: its own with defaults and help, then, on one line, the core knobs it shares with
+``sdpa`` (same meaning and default; ``refattn list --family core`` explains them).
 
 ``--json`` prints (stable; new keys may be added, none removed)::
 
     {"refattn": "0.1.0",
      "variants": [{"name": "sdpa", "family": "core", "aliases": [], "doc": "...", "citation": "...",
                    "backends": ["numpy", "numba"], "tolerance": 1e-12, "inputs": ["q", "k", "v"],
+                   "input_shapes": {"q": "(B, Hq, Sq, D)", "k": "(B, Hkv, Sk, D)", ...},
+                   "outputs": ["out", "lse"],
                    "has_backward": true, "default_shape": [B, Hq, Sq, Sk, D, Hkv],
                    "parameters": [{"name": "scale", "default": null, "help": "..."}, ...]}, ...]}
 
@@ -34,7 +38,8 @@ def describe(var) -> dict:
     """The JSON record of one variant (the schema in the module docstring)."""
     return {"name": var.name, "family": var.family, "aliases": list(var.aliases), "doc": var.doc,
             "citation": var.citation, "backends": list(var.backends), "tolerance": var.tolerance,
-            "inputs": list(var.inputs), "has_backward": var.backward is not None,
+            "inputs": list(var.inputs), "input_shapes": dict(var.input_shapes),
+            "outputs": list(var.outputs), "has_backward": var.backward is not None,
             "default_shape": list(var.default_shape),
             "parameters": [{"name": n, "default": d, "help": h} for n, d, h in var.parameters()]}
 
@@ -68,6 +73,30 @@ def command(family, show_params, as_json):
     click.echo(table(rows, ("variant", "family", "backends", "tolerance", "description")))
     if show_params or family is not None:
         for v in found:
-            click.echo(f"\n{v.name} parameters:")
-            click.echo(table([(n, repr(d), h) for n, d, h in v.parameters()],
-                             ("name", "default", "help")))
+            own, shared = split_core(v)
+            click.echo(f"\n{v.name} inputs: " + ", ".join(f"{n} {s}" for n, s in v.input_shapes.items()))
+            if own:
+                click.echo(table([(n, repr(d), h) for n, d, h in own], ("name", "default", "help")))
+            if shared:
+                click.echo("core knobs (as sdpa): " + ", ".join(n for n, _, _ in shared))
+
+
+def split_core(var) -> tuple:
+    """``(own, shared)``: the variant's parameters, and those it shares with ``sdpa`` (same name
+    and default), which ``refattn list`` shows on one line for every variant but sdpa itself."""
+    from refattn.variants.core import CoreParams
+    import dataclasses
+
+    core = {f.name: f.default for f in dataclasses.fields(CoreParams)}
+    params = var.parameters()
+    if var.name == "sdpa":
+        return params, []
+    shared = [(n, d, h) for n, d, h in params if n in core and _same(core[n], d)]
+    return [p for p in params if p not in shared], shared
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except (TypeError, ValueError):
+        return False

@@ -16,10 +16,14 @@ raises on import, a missing attribute, something not callable -- is a
   from the numpy arrays with DLPack (``torch.from_dlpack``) and cast to the dtype's torch dtype
   (bf16/fp8 via float32, exactly: the values are rounded to the dtype first). Results come back
   with DLPack too (bf16/fp8 through float32, exactly).
+* ``framework="jax"``: the function gets JAX arrays on the CPU (``jax.numpy.asarray``; bf16/fp8
+  as ml_dtypes, exactly). JAX computes in float32 unless 64-bit mode is on: refattn turns on
+  ``jax_enable_x64`` when it converts, so float64 inputs stay float64 (a process-wide JAX setting;
+  the CLI owns its process).
 
 Whatever it returns (an array, or a tuple whose first item is the output and second the LSE) is
 converted to float64 numpy in the case's layout. :func:`grads` obtains ``dq, dk, dv``: with torch
-by autograd (``out.backward(dout)``); with numpy the function must be a *backward* with
+by autograd (``out.backward(dout)``); with JAX by ``jax.vjp``; with numpy the function must be a *backward* with
 refattn's convention ``fn(q, k, v, dout, **params) -> (dq, dk, dv, ...)`` (adapter ``"refattn"``).
 An exception raised inside the user's function is re-raised as :class:`ImplCallError` naming it.
 """
@@ -38,7 +42,7 @@ from . import numerics
 from .adapters import Data, FlexMods, signature_call
 from .errors import ParameterError, RefattnError
 
-FRAMEWORKS = ("numpy", "torch")
+FRAMEWORKS = ("numpy", "torch", "jax")
 
 
 class ImplCallError(RefattnError, RuntimeError):
@@ -105,6 +109,15 @@ def _torch():
     return torch
 
 
+def _jax():
+    try:
+        import jax
+    except ImportError as exc:
+        raise ParameterError("framework: 'jax' needs JAX installed (pip install 'jax[cpu]')") from exc
+    jax.config.update("jax_enable_x64", True)  # float64 stays float64 (module docstring)
+    return jax
+
+
 def _flex(mods: FlexMods, dtype, device):
     """``(score_mod, block_mask)`` for torch's flex_attention from the adapter's record."""
     torch = _torch()
@@ -144,6 +157,11 @@ def _to_framework(x, framework, dtype, device, is_data):
         x = numerics.round_to(x, dtype) if dtype else np.asarray(x, dtype=np.float64)
     if framework == "numpy":
         return x.astype(numerics.np_dtype(dtype)) if is_data and dtype else x
+    if framework == "jax":
+        if device not in (None, "cpu"):
+            raise ParameterError(f"device: framework 'jax' runs on the CPU here, got {device!r}")
+        jnp = _jax().numpy
+        return jnp.asarray(x.astype(numerics.np_dtype(dtype)) if is_data and dtype else x)
     torch = _torch()
     host = np.ascontiguousarray(x.astype(np.float32) if is_data and dtype else x)
     t = torch.from_dlpack(host)
@@ -236,6 +254,8 @@ def grads(fn: Callable, case: dict, dout, *, adapter: str = "refattn", framework
     _check_framework(framework)
     dtype = None if dtype is None else numerics.canonical(dtype)
     arrays, params = _split(case)
+    if framework == "jax":
+        return _jax_grads(fn, adapter, arrays, params, dout, dtype, device)
     if framework == "numpy":
         if adapter != "refattn":
             raise ParameterError(f"adapter: gradients with framework 'numpy' call a backward "
@@ -261,3 +281,28 @@ def grads(fn: Callable, case: dict, dout, *, adapter: str = "refattn", framework
         raise ImplCallError(f"impl: backward through the output failed: {type(exc).__name__}: "
                             f"{exc}") from exc
     return {n: sc.to_case(to_numpy(t.grad, n)) for n, t in zip(("dq", "dk", "dv"), leaves)}
+
+
+def _jax_grads(fn, adapter, arrays, params, dout, dtype, device) -> dict:
+    """``dq, dk, dv`` of a JAX function by ``jax.vjp`` with respect to its first three arguments."""
+    jax = _jax()
+    sc = signature_call(adapter, arrays, params)
+    if not sc.grads:
+        raise ParameterError(f"head_map: gradients through the {adapter!r} adapter need the "
+                             f"default head relation")
+    args, kwargs = _convert_call(sc, "jax", dtype, device)
+
+    def out_of(q, k, v):
+        res = _invoke(fn, [q, k, v] + args[3:], kwargs)
+        return res[0] if isinstance(res, (tuple, list)) else res
+
+    try:
+        out, pullback = jax.vjp(out_of, *args[:3])
+        d = _to_framework(sc.from_case(np.asarray(dout, dtype=np.float64)), "jax", dtype, device, True)
+        got = pullback(d.astype(out.dtype))
+    except RefattnError:
+        raise
+    except Exception as exc:
+        raise ImplCallError(f"impl: jax.vjp through the output failed: {type(exc).__name__}: "
+                            f"{exc}") from exc
+    return {n: sc.to_case(to_numpy(g, n)) for n, g in zip(("dq", "dk", "dv"), got)}

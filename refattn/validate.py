@@ -20,20 +20,37 @@ COMPUTE_DTYPES = ("float64", "float32")
 
 
 def to_numpy(x, name: str) -> np.ndarray:
-    """A numpy view of an array-like (numpy, anything with ``__array__``, DLPack, torch CPU)."""
+    """A numpy view of an array from any framework, without importing it.
+
+    numpy arrays pass through; CuPy arrays are copied to the host (``.get()``); anything with
+    ``__dlpack__`` on the CPU in a dtype numpy knows (torch, JAX, ...) is viewed with
+    ``numpy.from_dlpack`` (no copy); what DLPack cannot hand over (a torch tensor that requires
+    grad, bf16/fp8 tensors) goes through the framework's own conversion: torch ``.detach().cpu()``
+    (bf16/fp8 widened to float32, exactly), else ``__array__`` (JAX bf16 arrives as ml_dtypes
+    bfloat16). Anything else is an error naming ``name``.
+    """
     if isinstance(x, np.ndarray):
         return x
+    if type(x).__module__.startswith("cupy") and hasattr(x, "get"):
+        return x.get()
+    if hasattr(x, "__dlpack__"):
+        try:
+            return np.from_dlpack(x)
+        except (BufferError, TypeError, ValueError, RuntimeError):
+            pass  # not exportable to numpy as is: fall through to the framework's conversion
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensors, incl. requires_grad / bf16
         t = x.detach().cpu()
         if str(t.dtype) in ("torch.bfloat16", "torch.float8_e4m3fn", "torch.float8_e5m2"):
             t = t.float()
         return t.numpy()
-    if hasattr(x, "get") and type(x).__module__.startswith("cupy"):
-        return x.get()
     try:
-        return np.asarray(x)
-    except Exception as exc:  # pragma: no cover - exotic objects
+        a = np.asarray(x)
+    except Exception as exc:
         raise DTypeError(f"{name}: expected an array, got {type(x).__name__} ({exc})") from exc
+    if a.dtype.kind == "O":
+        raise DTypeError(f"{name}: expected a numeric array, got {type(x).__name__} holding "
+                         f"Python objects")
+    return a
 
 
 def as_compute(x, name: str, dtype: str = "float64") -> np.ndarray:

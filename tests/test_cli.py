@@ -68,8 +68,14 @@ def test_list_json_is_the_registry():
 
 def test_list_family_shows_parameters_and_rejects_unknown_family():
     result = run("list", "--family", "core")
-    assert result.exit_code == 0 and "sdpa parameters:" in result.output
+    assert result.exit_code == 0 and "sdpa inputs: q (B, Hq, Sq, D)" in result.output
     assert "dropout_seed" in result.output
+    sparse = run("list", "--family", "sparse").output
+    # own parameters with help, the shared core knobs on one line, and no knob a variant drops
+    assert "bigbird inputs:" in sparse and "block_size               64" in sparse
+    bigbird = sparse[sparse.index("bigbird inputs:"):sparse.index("block_sparse inputs:")]
+    assert "core knobs (as sdpa): scale, causal, window" in bigbird and "alignment" not in bigbird
+    assert len(sparse.splitlines()) < 200
     assert_one_line_error(run("list", "--family", "nosuch"), "--family", "core", "nosuch")
 
 

@@ -196,6 +196,42 @@ def test_torch_sdpa_gradients():
     assert all(m["max_abs"] > 0 for m in data["arrays"].values())
 
 
+# -- JAX ---------------------------------------------------------------------------------------------------
+JAX_KERNELS = """
+import jax.numpy as jnp
+
+
+def attn(q, k, v, causal=False, scale=None, wrong_scale=False, **_):
+    d = q.shape[-1]
+    scale = (1 / d if wrong_scale else d ** -0.5) if scale is None else scale
+    s = scale * (q @ jnp.swapaxes(k, -1, -2))
+    if causal:
+        sq, sk = s.shape[-2:]
+        s = jnp.where(jnp.arange(sk)[None, :] <= jnp.arange(sq)[:, None] + (sk - sq), s, -jnp.inf)
+    p = jnp.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+def wrong(q, k, v, **kw):
+    return attn(q, k, v, wrong_scale=True, **kw)
+"""
+
+
+def test_jax_impl_forward_gradients_and_a_wrong_scale(tmp_path, monkeypatch):
+    pytest.importorskip("jax", reason="--framework jax needs JAX (the peers extra)")
+    (tmp_path / "jax_kernels.py").write_text(JAX_KERNELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "jax_kernels", raising=False)
+    code, data = run_json("--variant", "sdpa", "--shape", "1,2,24,40,16,2", "--impl",
+                          "jax_kernels:attn", "--framework", "jax", "--param", "causal=true", "--grad")
+    assert code == 0 and data["under_test"]["framework"] == "jax"
+    assert set(data["arrays"]) == {"out", "dq", "dk", "dv"}
+    assert all(m["normwise_rel"] < 1e-14 for m in data["arrays"].values())  # float64 all the way
+    code, data = run_json("--variant", "sdpa", "--shape", "1,2,24,40,16,2", "--impl",
+                          "jax_kernels:wrong", "--framework", "jax", "--dtype", "bf16")
+    assert code == 1 and data["verdict"] == "FAIL"
+
+
 # -- --grad with a numpy backward ------------------------------------------------------------------------
 def test_grad_numpy_backward_pass_and_a_wrong_dk():
     args = ["--variant", "sdpa", "--shape", "1,2,12,8", "--impl", "oracle_kernels:forward",

@@ -22,7 +22,9 @@ SHAPES = {
     "mha": ((2, 4, 100, 131, 16, 4), {}),
     "mqa": ((2, 4, 100, 131, 16, 1), {}),
     "bigbird": ((2, 4, 128, 128, 16, 2), {"block_size": 8, "num_random_blocks": 1}),
-    "longformer": ((2, 4, 128, 128, 16, 2), {"attention_window": 32}),
+    "longformer": ((2, 4, 100, 128, 16, 2), {"attention_window": 32}),
+    "sliding_window": (DEFAULT[0], {"window": (20, 10)}),
+    "global": (DEFAULT[0], {"tokens": (0, 7, 30, 64)}),
     "nsa": ((2, 4, 100, 160, 16, 2), {}),
 }
 
@@ -48,7 +50,7 @@ def assert_agree(got, want, what, tol=1e-12):
     assert got.shape == want.shape, what
     fin = np.isfinite(want)
     np.testing.assert_array_equal(np.isfinite(got), fin, err_msg=what)
-    assert np.linalg.norm((got - want)[fin]) <= tol * max(np.linalg.norm(want[fin]), 1e-300), what
+    assert np.linalg.norm(got[fin] - want[fin]) <= tol * max(np.linalg.norm(want[fin]), 1e-300), what
 
 
 def all_outputs(var):
@@ -148,3 +150,74 @@ def test_one_integer_rule_accepts_numpy_integers_everywhere():
     for bad in (True, 2.0, "3"):
         with pytest.raises(ParameterError, match=r"^sliding_window: expected an integer >= 1"):
             refattn.attention(q, k, v, variant="decode", sliding_window=bad)
+
+
+# -- inputs from any array framework ----------------------------------------------------------------------
+class OnlyDLPack:
+    """An array-like offering nothing but the DLPack protocol (as a foreign framework would)."""
+
+    def __init__(self, a):
+        self._a = np.ascontiguousarray(a)
+
+    def __dlpack__(self, **kw):
+        return self._a.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+class OnlyArray:
+    def __init__(self, a):
+        self._a = a
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self._a, dtype=dtype)
+
+
+def qkv(seed=0):
+    r = np.random.default_rng(seed)
+    return [r.standard_normal(s) for s in ((1, 2, 5, 4), (1, 2, 7, 4), (1, 2, 7, 4))]
+
+
+@pytest.mark.parametrize("wrap", [OnlyDLPack, OnlyArray])
+def test_arrays_from_any_protocol_give_numpy_results(wrap):
+    q, k, v = qkv()
+    want = refattn.attention(q, k, v, causal=True, return_lse=True)
+    got = refattn.attention(wrap(q), wrap(k), wrap(v), causal=True, return_lse=True)
+    assert all(type(a) is np.ndarray for a in got)
+    np.testing.assert_array_equal(got[0], want[0])
+    table = np.random.default_rng(1).standard_normal((32, 2))
+    np.testing.assert_array_equal(refattn.attention(wrap(q), wrap(k), wrap(v), variant="t5", table=wrap(table)),
+                                  refattn.attention(q, k, v, variant="t5", table=table))
+
+
+def test_python_objects_are_a_named_error():
+    q, k, v = qkv()
+    with pytest.raises(refattn.errors.DTypeError, match=r"^q: expected a"):
+        refattn.attention(np.array([object()] * 40).reshape(1, 2, 5, 4), k, v)
+
+
+def test_torch_tensors_including_bf16_and_requires_grad():
+    torch = pytest.importorskip("torch", reason="torch tensors need PyTorch (the peers extra)")
+    q, k, v = qkv()
+    t = [torch.from_numpy(a).requires_grad_(True) for a in (q, k, v)]
+    np.testing.assert_array_equal(refattn.attention(*t), refattn.attention(q, k, v))
+    bf = [torch.from_numpy(a).to(torch.bfloat16) for a in (q, k, v)]
+    exact = [a.float().numpy().astype(np.float64) for a in bf]  # bf16 values, widened exactly
+    np.testing.assert_array_equal(refattn.attention(*bf), refattn.attention(*exact))
+
+
+def test_jax_cpu_arrays_including_bf16():
+    jax = pytest.importorskip("jax", reason="JAX arrays need jax (the peers extra)")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import ml_dtypes
+    q, k, v = qkv()
+    got = refattn.attention(*(jnp.asarray(a) for a in (q, k, v)), causal=True)
+    assert type(got) is np.ndarray
+    np.testing.assert_array_equal(got, refattn.attention(q, k, v, causal=True))
+    bf = [jnp.asarray(a.astype(ml_dtypes.bfloat16)) for a in (q, k, v)]
+    exact = [a.astype(ml_dtypes.bfloat16).astype(np.float64) for a in (q, k, v)]
+    np.testing.assert_array_equal(refattn.attention(*bf), refattn.attention(*exact))
+    dq, dk, dv, _ = refattn.attention_backward(*bf, jnp.ones((1, 2, 5, 4)))
+    assert dq.dtype == np.float64 and dk.shape == (1, 2, 7, 4)

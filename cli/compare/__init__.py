@@ -149,8 +149,8 @@ def compare(problem: Problem, backend: Optional[str], against: str,
                    "flex (flex_attention), flash (flash-attn, B,S,H,D), varlen (packed). "
                    "Default: refattn.")
 @click.option("--framework", metavar="NAME", default=None,
-              help="What --impl receives: numpy arrays or torch tensors (via DLPack). "
-                   "Default: numpy.")
+              help="What --impl receives: numpy arrays, torch tensors (via DLPack) or jax arrays "
+                   "(CPU, 64-bit mode on). Default: numpy.")
 @click.option("--device", metavar="DEVICE", default=None,
               help="Torch device of the tensors given to --impl (cpu, cuda, cuda:1). Default: cpu.")
 @click.option("--lse", is_flag=True, default=False,

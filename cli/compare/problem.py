@@ -252,11 +252,12 @@ def oracle_options(*, impl, adapter, framework, device, lse, backward, outputs, 
         raise ParameterError(f"--device: applies to --framework torch, got --device {device!r} "
                              f"with --framework {fw}")
     if backward is not None and fw != "numpy":
-        raise ParameterError("--backward: applies to --framework numpy (torch gradients come from "
-                             "autograd through --impl)")
+        raise ParameterError("--backward: applies to --framework numpy (torch and jax gradients "
+                             "come from autograd through --impl)")
     if grad and impl is not None and fw == "numpy" and backward is None:
         raise ParameterError("--grad: a numpy --impl needs --backward module:function, a backward "
-                             "fn(q, k, v, dout, **params) -> (dq, dk, dv) (or use --framework torch)")
+                             "fn(q, k, v, dout, **params) -> (dq, dk, dv) (or use --framework torch "
+                             "or jax)")
     if backward is not None and not grad:
         raise ParameterError("--backward: applies with --grad")
     if report is not None and os.path.splitext(report)[1].lower() not in REPORT_SUFFIXES:

@@ -322,4 +322,5 @@ register(Variant(
     "block_k, running max and sum); equals sdpa to float64 rounding. Backward as sdpa.",
     citation="Dao et al., FlashAttention, NeurIPS 2022; Dao, FlashAttention-2, ICLR 2024",
     params=FlashParams, forward=_flash_forward, backward=_backward(None), family="core",
-    backends=("numpy",), tolerance=1e-12, example=example, emulate_as="sdpa"))
+    backends=("numpy",), tolerance=1e-12, example=example, emulate_as="sdpa",
+    drop=("compute_dtype",)))

@@ -126,7 +126,7 @@ register(Variant(
     "per batch entry), bottom-right causal, optional sliding window; equals the last rows of causal sdpa.",
     citation="Pope et al., Efficiently Scaling Transformer Inference, MLSys 2023",
     params=DecodeParams, forward=_decode_forward, backward=_decode_backward, backends=_BACKENDS,
-    example=core_example, drop=("alignment",)))
+    example=core_example, drop=("alignment", "alibi_form")))
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ register(Variant(
     input_shapes={"q": "(B, Hq, Sq, D)", "k_pages": "(num_blocks, block_size, Hkv, D)",
                   "v_pages": "(num_blocks, block_size, Hkv, Dv)", "block_table": "(B, max_blocks) int",
                   "seq_lens": "(B,) int"},
-    drop=("alignment", "cache_seqlens")))
+    drop=("alignment", "alibi_form", "cache_seqlens")))
 
 
 # -- MLA --------------------------------------------------------------------------------------------

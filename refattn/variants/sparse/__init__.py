@@ -141,12 +141,18 @@ def pattern_of(variant, arrays: dict, p) -> Pattern:
     raise ParameterError(f"variant: {variant.name!r} has no attention pattern to draw")
 
 
-def _register(name, doc, citation, params, build, default_shape=(1, 4, 256, 256, 32, 4), **kw):
+#: core knobs no sparse variant declares: ALiBi's 'flash' form exists only in flash-attn's dense
+#: causal kernel, and every pattern here has a band or blocks of its own
+SPARSE_DROP = ("alibi_form",)
+
+
+def _register(name, doc, citation, params, build, default_shape=(1, 4, 256, 256, 32, 4), drop=(), **kw):
     forward, backward = pattern_variant(build)
     PATTERNS[name] = lambda backend, arrays, p: prepared(backend, arrays, p, build).pattern
     return register(Variant(name=name, doc=doc, citation=citation, params=params, forward=forward,
                             backward=kw.pop("backward", backward),
                             example=sparse_example(default_shape), default_shape=default_shape,
+                            drop=SPARSE_DROP + tuple(drop),
                             **{**COMMON, **kw}))
 
 
@@ -219,7 +225,7 @@ _register("strided",
           "positions (i - j < stride), type B every stride-th one ((i - j) % stride == 0); "
           "mode='union' gives every head A | B, mode='heads' alternates A and B over heads.",
           "Child et al., Generating Long Sequences with Sparse Transformers, 2019",
-          StridedParams, _strided)
+          StridedParams, _strided, drop=("causal",))
 
 
 @dataclass(frozen=True)
@@ -323,7 +329,7 @@ _register("streaming",
           "StreamingLLM: the first n_sink tokens (attention sinks) plus a causal window of the "
           "`recent` latest tokens; a sink inside the window is counted once.",
           "Xiao et al., Efficient Streaming Language Models with Attention Sinks, ICLR 2024",
-          StreamingParams, _streaming)
+          StreamingParams, _streaming, drop=("causal",))
 
 
 # -- random -------------------------------------------------------------------------------------
@@ -693,7 +699,8 @@ register(Variant(
     "rows that see no complete compressed block get 0 from that branch.",
     citation="Yuan et al., Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse "
     "Attention, ACL 2025", params=NSAParams, forward=_nsa_forward, backward=None,
-    example=sparse_example((1, 4, 256, 256, 32, 2)), **COMMON))
+    example=sparse_example((1, 4, 256, 256, 32, 2)),
+    drop=SPARSE_DROP + ("head_map", "empty_row"), **COMMON))
 
 
 # BigBird and Longformer live beside this module and register when the family loads.

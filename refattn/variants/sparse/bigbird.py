@@ -44,7 +44,7 @@ from ...errors import ParameterError, ShapeError, fmt_shape
 from ...patterns import BlockSparse
 from .. import Variant, param_field, register
 from ..core import CoreParams, check_dout, finish, prepare, to_layout
-from . import COMMON, PATTERNS, attend_pattern, sparse_example, with_core
+from . import COMMON, PATTERNS, SPARSE_DROP, attend_pattern, sparse_example, with_core
 
 
 class BigBirdFallbackWarning(UserWarning):
@@ -312,4 +312,4 @@ register(Variant(
     citation="Zaheer et al., Big Bird: Transformers for Longer Sequences, NeurIPS 2020; HF "
     "transformers BigBirdBlockSparseAttention", params=BigBirdParams, forward=_forward,
     backward=_backward, example=sparse_example((1, 4, 1024, 1024, 64, 4)),
-    default_shape=(1, 4, 1024, 1024, 64, 4), **COMMON))
+    default_shape=(1, 4, 1024, 1024, 64, 4), drop=SPARSE_DROP + ("alignment",), **COMMON))

@@ -29,7 +29,7 @@ from ...errors import ParameterError, ShapeError, fmt_shape
 from ...patterns import Dilated, Global, Heads
 from .. import Variant, param_field, register
 from ..core import CoreParams, check_dout, finish, prepare, to_layout
-from . import (COMMON, PATTERNS, _per_head, _posint, _shape, attend_pattern,
+from . import (COMMON, PATTERNS, SPARSE_DROP, _per_head, _posint, _shape, attend_pattern,
                      sparse_example, with_core)
 
 
@@ -178,4 +178,4 @@ register(Variant(
     citation="Beltagy et al., Longformer: The Long-Document Transformer, 2020; HF transformers "
     "LongformerSelfAttention", params=LongformerParams, forward=_forward, backward=_backward,
     example=sparse_example((1, 4, 512, 512, 32, 4)), default_shape=(1, 4, 512, 512, 32, 4),
-    **COMMON))
+    drop=SPARSE_DROP, **COMMON))
