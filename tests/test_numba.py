@@ -266,11 +266,66 @@ def test_blas_pinned_to_one_thread_inside_kernels():
     assert all(i["num_threads"] == 1 for i in blas)
 
 
-def test_registry_and_warm():
+def test_registry():
     be = backends.get("numba")
     assert isinstance(be, NumbaBackend) and be.name == "numba"
     assert be.compute_dtypes == ("float64", "float32")
-    assert be.warm() >= 0.0
+
+
+# -- the on-disk cache and bit-identical results ------------------------------------------------------
+def test_the_cache_stamp_covers_every_kernel_source(tmp_path):
+    """numba keys a cached function on its own file only; ours add the digest of every source of
+    the package, so an edit of _tiles.py alone (an upgrade, a developer's change) recompiles."""
+    import shutil
+
+    from refattn.backends.numba_ import _cache, _kernels
+    assert _cache.INSTALLED, "numba's cache-locator classes moved: the stale-cache guard is off"
+    for kernel in (_kernels.forward, _kernels.backward_kv, _kernels.backward_q):
+        locator = kernel._cache._impl.locator
+        assert type(locator).__name__.startswith("PackageStamped")
+        assert locator.get_source_stamp()[1] == _cache.PACKAGE_DIGEST
+    for path in _cache.HERE.glob("*.py"):
+        shutil.copy(path, tmp_path / path.name)
+    assert _cache.package_digest(tmp_path) == _cache.PACKAGE_DIGEST
+    with open(tmp_path / "_tiles.py", "a") as f:
+        f.write("\n# an edit of a callee only\n")
+    assert _cache.package_digest(tmp_path) != _cache.PACKAGE_DIGEST
+    # and functions of other packages keep numba's own locators
+    from numba.core import caching
+    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl")
+    ours = [c for c in impl._locator_classes if c.__name__.startswith("PackageStamped")]
+    assert ours and all(c.from_function(test_registry, __file__) is None for c in ours)
+
+
+BIT_SCRIPT = """
+import sys, numpy as np, refattn
+r = np.random.default_rng(0)
+q, k, v = (r.standard_normal((1, 2, 100, 64)) for _ in range(3))
+out, lse = refattn.attention(q, k, v, causal=True, backend="numba", return_lse=True)
+dq, dk, dv, _ = refattn.attention_backward(q, k, v, np.ones_like(out), causal=True, backend="numba")
+np.savez(sys.argv[1], out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+"""
+
+
+@pytest.mark.slow
+def test_a_fresh_compile_and_the_warm_cache_give_identical_bits(tmp_path):
+    """One process compiles into an empty NUMBA_CACHE_DIR, a second loads what it cached, a third
+    uses the package's own cache: forward and backward agree bit for bit."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "bits.py"
+    script.write_text(BIT_SCRIPT)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    for name in ("fresh", "warm"):
+        subprocess.run([sys.executable, str(script), str(tmp_path / f"{name}.npz")], env=env,
+                       check=True, timeout=900)
+    plain = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "package.npz")], env=plain,
+                   check=True, timeout=900)
+    fresh, warm, package = (np.load(tmp_path / f"{n}.npz") for n in ("fresh", "warm", "package"))
+    for key in fresh.files:
+        assert fresh[key].tobytes() == warm[key].tobytes() == package[key].tobytes(), key
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True])

@@ -5,7 +5,9 @@
 below 4e-18 relative), evaluated by Horner. ``2**n`` is built from the exponent bits in two halves
 so subnormal results are right. Accuracy: a few ulp against ``numpy.exp`` (measured in
 ``tests/test_numba.py``), far inside the backend's 1e-12 contract. ``x = -inf`` (a hidden pair)
-gives exactly 0; arguments here are ``<= ~0`` (scores minus a running max or an LSE).
+gives exactly 0; arguments above 710 are clamped to 710, which gives ``inf`` as ``exp`` does
+(arguments here are ``<= 0``: scores minus a running max or an LSE, so only a bug elsewhere gets
+there, and then it shows as ``inf``, never as a wrapped exponent).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ _LN2_HI = 6.93147180369123816490e-01  # fdlibm: low bits zero, so n * LN2_HI is 
 _LN2_LO = 1.90821492927058770002e-10
 _C = tuple(1.0 / math.factorial(k) for k in range(14))
 _FLOOR_X = -746.0  # exp(-746) rounds to 0
+_CEIL_X = 710.0  # exp(710) overflows to inf (2**1024 and beyond)
 
 
 @intrinsic
@@ -36,7 +39,7 @@ def _int64_bits_as_float64(typingctx, x):
 
 @njit(cache=True, fastmath={"contract"})
 def fexp(x):
-    x = max(x, _FLOOR_X)
+    x = min(max(x, _FLOOR_X), _CEIL_X)
     n = math.floor(x * _LOG2E + 0.5)
     r = (x - n * _LN2_HI) - n * _LN2_LO
     p = _C[13]

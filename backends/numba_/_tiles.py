@@ -5,17 +5,14 @@ The tile products (``np.dot``) run in the storage dtype (float64 or float32). Wi
 modifications (and with ``scale > 0``) the softmax reads the raw product ``S = q.k`` and folds
 ``scale`` into the exponent; otherwise ``W = scale * S`` is made in float64 and modified. Maxima,
 exponentials and sums are float64 either way; P (and dP, dS in the backward) are stored in the
-storage dtype for the next product. The records passed around are plain tuples:
+storage dtype for the next product. The records passed around are the named tuples of
+:mod:`._records` (``Spec``: geometry, visibility, score mods, dropout, scale, head map;
+``QueryTile``/``KeyTile``: one task's geometry, made once per task by :func:`query_tile` and
+:func:`key_tile`).
 
-* ``vis = (layout, pindex, pmasks, band_only, s, lo, hi)``: the Pattern's tile plan
-  (:meth:`refattn.patterns.Pattern.tile_plan`; ``pindex``/``pmasks`` are 1-element dummies when
-  ``band_only``, where a PARTIAL tile is tested analytically: key ``j`` visible iff
-  ``lo <= j - (i + s) <= hi``, unbounded sides being +-2**62);
-* ``mods = (softcap, slopes, alibi, bias, has_bias, off)``: ``softcap`` 0 = none; ``alibi`` 0 none,
-  1 symmetric ``-slope_h |i + off - j|``, 2 flash ``+slope_h j``; ``bias`` 4-d float64 broadcast
-  over size-1 dims (a 1x1x1x1 dummy when ``has_bias`` is False);
-* ``drop = (mode, p, dscale, seed, dmask)``: mode 0 none, 1 Philox (``_philox``), 2 explicit mask
-  ``dmask`` (4-d bool, broadcast over size-1 dims); kept probabilities are multiplied by ``dscale``.
+The exponent's argument ``sc * w - shift`` is computed without FMA contraction: at the row maximum
+it is then exactly 0 (``shift`` is the same rounded product), however large the scores; contracted,
+it would be that product's rounding error, which exceeds the exponent's range from |score| ~ 1e19.
 """
 
 from __future__ import annotations
@@ -27,12 +24,35 @@ from numba import njit
 
 from ._fastexp import fexp
 from ._philox import keep_row
+from ._records import KeyTile, QueryTile
 
 #: reassociation (vectorised sums and maxima) and FMA contraction; never 'nnan'/'ninf' (-inf is
 #: how a hidden pair is spelled).
 FASTMATH = {"reassoc", "contract", "nsz"}
+#: the exponent's argument: reassociation for the vectorised sum, but no contraction (module docstring)
+NO_CONTRACT = {"reassoc", "nsz"}
 NEG_INF = -np.inf
 EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+@njit(cache=True)
+def query_tile(spec, b, h, ti):
+    """The :class:`QueryTile` of query tile ``ti`` of ``(b, h)``: computed once per task."""
+    g = spec.geom
+    layout = spec.vis.layout
+    i0 = ti * g.block_q
+    return QueryTile(b=b, h=h, ti=ti, i0=i0, rows=min(g.block_q, g.sq - i0),
+                     row0=(b * g.hq + h) * g.sq + i0, kv0=(b * g.hkv + spec.head_map[h]) * g.sk,
+                     lb=_bcast(layout.shape[0], b), lh=_bcast(layout.shape[1], h))
+
+
+@njit(cache=True)
+def key_tile(spec, b, hkv, tj):
+    """The :class:`KeyTile` of key tile ``tj`` of ``(b, KV head hkv)``."""
+    g = spec.geom
+    j0 = tj * g.block_k
+    return KeyTile(b=b, hkv=hkv, tj=tj, j0=j0, cols=min(g.block_k, g.sk - j0),
+                   kv0=(b * g.hkv + hkv) * g.sk)
 
 
 @njit(cache=True)
@@ -52,10 +72,11 @@ def scale_into(s, scale, w):
 
 
 @njit(cache=True)
-def is_plain(mods, scale):
+def is_plain(spec):
     """No score modification and ``scale > 0``: the kernels then keep the raw product ``q.k`` and
     fold ``scale`` into the exponent (``max(scale * s) = scale * max(s)`` needs ``scale > 0``)."""
-    return mods[0] <= 0.0 and mods[2] == 0 and not mods[4] and scale > 0.0
+    m = spec.mods
+    return m.softcap <= 0.0 and m.alibi == 0 and not m.has_bias and spec.scale > 0.0
 
 
 @njit(cache=True)
@@ -66,7 +87,8 @@ def _bcast(n, i):
 @njit(cache=True)
 def apply_mods(w, t, mods, b, h, i0, j0):
     """Softcap (``t`` keeps ``tanh(s / c)`` for the backward), then ALiBi, then the bias."""
-    softcap, slopes, alibi, bias, has_bias, off = mods
+    softcap, slopes, alibi, bias, has_bias, off = (mods.softcap, mods.slopes, mods.alibi, mods.bias,
+                                                   mods.has_bias, mods.offset)
     r, c = w.shape
     if softcap > 0.0:
         for ii in range(r):
@@ -98,19 +120,20 @@ def apply_mods(w, t, mods, b, h, i0, j0):
 
 
 @njit(cache=True)
-def hide_invisible(w, vis, lb, lh, ti, tj, i0, j0):
-    """Set hidden pairs of a PARTIAL tile to ``-inf``."""
-    layout, pindex, pmasks, band_only, s, lo, hi = vis
+def hide_invisible(w, vis, qt, tj, j0):
+    """Set hidden pairs of a PARTIAL tile (query tile ``qt``, key tile ``tj`` from ``j0``) to
+    ``-inf``."""
+    lo, hi, i0 = vis.lo, vis.hi, qt.i0
     r, c = w.shape
-    if band_only:
+    if vis.band_only:
         for ii in range(r):
-            base = j0 - (i0 + ii + s)
+            base = j0 - (i0 + ii + vis.offset)
             wrow = w[ii]
             for jj in range(c):
                 rel = base + jj
                 wrow[jj] = wrow[jj] if (rel >= lo and rel <= hi) else NEG_INF
     else:
-        m = pmasks[pindex[lb, lh, ti, tj]]
+        m = vis.pmasks[vis.pindex[qt.lb, qt.lh, qt.ti, tj]]
         for ii in range(r):
             wrow, mrow = w[ii], m[ii]
             for jj in range(c):
@@ -126,7 +149,7 @@ def _rowmax(wrow):
     return mx
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=NO_CONTRACT)
 def _exp_row(wrow, sc, shift, prow):
     """``prow = exp(sc * wrow - shift)``; returns the float64 row sum."""
     total = 0.0
@@ -168,7 +191,7 @@ def probs_from_lse(w, sc, lse_rows, p):
 @njit(cache=True)
 def keep_tile(keep, drop, b, h, hq, i0, j0, sk):
     """Dropout keep-mask of a tile (``keep`` is ``r x c`` bool)."""
-    mode, p, dscale, seed, dmask = drop
+    mode, p, seed, dmask = drop.mode, drop.p, drop.seed, drop.mask
     r, c = keep.shape
     if mode == 1:
         stream = np.uint64(b * hq + h)

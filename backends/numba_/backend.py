@@ -46,7 +46,9 @@ from refattn.errors import ParameterError
 from refattn.validate import check_int
 from refattn.patterns import EMPTY
 from ..base import Backend
+from . import _cache  # noqa: F401  (before the kernels: their on-disk cache covers every kernel source)
 from . import _kernels
+from ._records import DropoutSpec, Geometry, ScoreMods, Spec, Visibility
 
 #: threadpoolctl sees only libraries loaded when it looks: SciPy's OpenBLAS is loaded above.
 _BLAS = ThreadpoolController()
@@ -66,15 +68,17 @@ def one_blas_thread():
 class TilePlan:
     """What the kernels need from a Pattern for one ``(sq, sk)`` and tile size."""
 
-    vis: tuple  # (layout, pindex, pmasks, band_only, s, lo, hi): see _tiles
+    vis: Visibility
     tlo: np.ndarray  # per query tile: first key tile that is non-empty anywhere
     thi: np.ndarray  # ... one past the last
     ilo: np.ndarray  # per key tile: first non-empty query tile
     ihi: np.ndarray
+    work_q: np.ndarray  # per query tile: its non-empty tiles (summed over the layout's heads)
+    work_k: np.ndarray  # per key tile: the same
 
     @property
     def offset(self) -> int:
-        return self.vis[4]
+        return self.vis.offset
 
 
 def tile_plan(pattern, sq: int, sk: int, bq: int, bk: int) -> TilePlan:
@@ -87,13 +91,16 @@ def tile_plan(pattern, sq: int, sk: int, bq: int, bk: int) -> TilePlan:
     else:
         layout, pindex, pmasks = pattern.tile_plan(bq, bk, sq=sq, sk=sk)
     layout = np.ascontiguousarray(layout, dtype=np.int8)
-    nonempty = (layout != EMPTY).any(axis=(0, 1))  # (nbq, nbk)
-    tlo, thi = _ranges(nonempty)
-    ilo, ihi = _ranges(nonempty.T)
-    vis = (layout, np.ascontiguousarray(pindex, dtype=np.int32),
-           np.ascontiguousarray(pmasks, dtype=np.bool_), bool(pattern.is_band_only), int(s),
-           -_UNBOUNDED if lo is None else int(lo), _UNBOUNDED if hi is None else int(hi))
-    return TilePlan(vis, tlo, thi, ilo, ihi)
+    nonempty = layout != EMPTY
+    anywhere = nonempty.any(axis=(0, 1))  # (nbq, nbk)
+    tlo, thi = _ranges(anywhere)
+    ilo, ihi = _ranges(anywhere.T)
+    vis = Visibility(layout=layout, pindex=np.ascontiguousarray(pindex, dtype=np.int32),
+                     pmasks=np.ascontiguousarray(pmasks, dtype=np.bool_),
+                     band_only=bool(pattern.is_band_only), offset=int(s),
+                     lo=-_UNBOUNDED if lo is None else int(lo), hi=_UNBOUNDED if hi is None else int(hi))
+    return TilePlan(vis, tlo, thi, ilo, ihi, work_q=nonempty.sum(axis=(0, 1, 3)),
+                    work_k=nonempty.sum(axis=(0, 1, 2)))
 
 
 def _ranges(nonempty):
@@ -104,33 +111,38 @@ def _ranges(nonempty):
     return (np.where(any_, first, 0).astype(np.int64), np.where(any_, last, 0).astype(np.int64))
 
 
-def _mods(score_mod, offset):
-    """The kernels' ``mods`` tuple (see ``_tiles``)."""
+def score_mods(score_mod, offset) -> ScoreMods:
+    """The kernels' :class:`ScoreMods` record for a :class:`~refattn.backends.base.ScoreMod`."""
     if score_mod is None:
-        return (0.0, np.zeros(1), 0, np.zeros((1, 1, 1, 1)), False, offset)
+        return ScoreMods(0.0, np.zeros(1), 0, np.zeros((1, 1, 1, 1)), False, offset)
     slopes = np.zeros(1) if score_mod.alibi_slopes is None else np.ascontiguousarray(
         score_mod.alibi_slopes, dtype=np.float64)
     alibi = 0 if score_mod.alibi_slopes is None else (2 if score_mod.alibi_form == "flash" else 1)
     has_bias = score_mod.bias is not None
     bias = np.ascontiguousarray(score_mod.bias, dtype=np.float64) if has_bias else np.zeros((1, 1, 1, 1))
     softcap = 0.0 if score_mod.softcap is None else float(score_mod.softcap)
-    return (softcap, slopes, alibi, bias, has_bias, offset)
+    return ScoreMods(softcap=softcap, slopes=slopes, alibi=alibi, bias=bias, has_bias=has_bias,
+                     offset=offset)
 
 
-def _drop(dropout):
-    """The kernels' ``drop`` tuple (see ``_tiles``)."""
+def dropout_spec(dropout) -> DropoutSpec:
+    """The kernels' :class:`DropoutSpec` record for a :class:`~refattn.backends.base.Dropout`."""
     none = np.zeros((1, 1, 1, 1), np.bool_)
     if dropout is None:
-        return (0, 0.0, 1.0, np.uint64(0), none)
+        return DropoutSpec(0, 0.0, 1.0, np.uint64(0), none)
     if dropout.mask is not None:
-        return (2, float(dropout.p), float(dropout.scale), np.uint64(0),
-                np.ascontiguousarray(dropout.mask, dtype=np.bool_))
-    return (1, float(dropout.p), float(dropout.scale), np.uint64(dropout.seed), none)
+        return DropoutSpec(2, float(dropout.p), float(dropout.scale), np.uint64(0),
+                           np.ascontiguousarray(dropout.mask, dtype=np.bool_))
+    return DropoutSpec(1, float(dropout.p), float(dropout.scale), np.uint64(dropout.seed), none)
 
 
 def _rows2d(a):
     """``(B, H, S, D)`` -> ``(B*H*S, D)`` C-contiguous (a view when already contiguous)."""
     return np.ascontiguousarray(a).reshape(-1, a.shape[-1])
+
+
+#: with a progress hook, a kernel call is split into this many parts (each a parallel region)
+PROGRESS_PARTS = 64
 
 
 class NumbaBackend(Backend):
@@ -146,12 +158,32 @@ class NumbaBackend(Backend):
     def xp(self):
         return np
 
-    def _geom(self, q, k):
+    def _spec(self, q, k, plan, scale, head_map, score_mod, dropout) -> Spec:
         b, hq, sq, _ = q.shape
-        return (b, hq, k.shape[1], sq, k.shape[2], self.block_q, self.block_k)
+        geom = Geometry(batch=b, hq=hq, hkv=k.shape[1], sq=sq, sk=k.shape[2], block_q=self.block_q,
+                        block_k=self.block_k)
+        return Spec(geom=geom, vis=plan.vis, mods=score_mods(score_mod, plan.offset),
+                    drop=dropout_spec(dropout), scale=float(scale),
+                    head_map=np.asarray(head_map, dtype=np.int64))
 
     def _plan(self, pattern, q, k):
         return tile_plan(pattern, q.shape[2], k.shape[2], self.block_q, self.block_k)
+
+    def _parts(self, n_tasks: int, work_per_task: np.ndarray):
+        """``[(t_start, t_stop, share of the work)]``: one part without a progress hook, else about
+        :data:`PROGRESS_PARTS` parts, each reported to the hook as its share of the work."""
+        if self.progress is None or n_tasks == 0:
+            return [(0, n_tasks, None)]
+        total = float(work_per_task.sum()) or 1.0
+        edges = np.unique(np.linspace(0, n_tasks, min(n_tasks, PROGRESS_PARTS) + 1).astype(np.int64))
+        cum = np.concatenate([[0.0], np.cumsum(work_per_task, dtype=np.float64)])
+        return [(int(a), int(b), (cum[b] - cum[a]) / total) for a, b in zip(edges[:-1], edges[1:])]
+
+    def _run(self, kernel, args, n_tasks, work_per_task):
+        for start, stop, share in self._parts(n_tasks, work_per_task):
+            kernel(*args, start, stop)
+            if share is not None:
+                self.tick(share)
 
     @staticmethod
     def _dtype(q):
@@ -168,12 +200,11 @@ class NumbaBackend(Backend):
         lse = np.full((b, hq, sq), -np.inf)
         if out.size or lse.size:
             plan = self._plan(pattern, q, k)
+            spec = self._spec(q, k, plan, scale, head_map, score_mod, dropout)
+            args = (_rows2d(q), _rows2d(k.astype(dt, copy=False)), _rows2d(v.astype(dt, copy=False)),
+                    out.reshape(-1, out.shape[-1]), lse.reshape(-1), *spec, plan.tlo, plan.thi)
             with one_blas_thread():
-                _kernels.forward(_rows2d(q), _rows2d(k.astype(dt, copy=False)),
-                                 _rows2d(v.astype(dt, copy=False)), out.reshape(-1, out.shape[-1]),
-                                 lse.reshape(-1), np.asarray(head_map, dtype=np.int64),
-                                 float(scale), self._geom(q, k), plan.vis, plan.tlo, plan.thi,
-                                 _mods(score_mod, plan.offset), _drop(dropout))
+                self._run(_kernels.forward, args, b * hq * len(plan.tlo), np.tile(plan.work_q, b * hq))
         if sinks is not None:
             out = (out * self.sink_factor(lse, sinks)[..., None]).astype(dt, copy=False)
         return out, lse
@@ -204,19 +235,25 @@ class NumbaBackend(Backend):
                          bias.shape[:3] + ((sk,) if per_key else (nbk,)))
         if q.size and k.size:
             plan = self._plan(pattern, q, k)
-            head_map = np.asarray(head_map, dtype=np.int64)
+            spec = self._spec(q, k, plan, scale, head_map, score_mod, dropout)
+            head_map = spec.head_map
             gidx = np.argsort(head_map, kind="stable").astype(np.int64)  # query heads by KV head
             gptr = np.searchsorted(head_map[gidx], np.arange(hkv + 1)).astype(np.int64)
             arrays = (_rows2d(q), _rows2d(k.astype(dt, copy=False)), _rows2d(v.astype(dt, copy=False)),
                       _rows2d(np.asarray(dout, dtype=dt)), np.ascontiguousarray(lse_all).reshape(-1),
                       np.ascontiguousarray(delta, dtype=np.float64).reshape(-1))
-            geom, mods, drop = self._geom(q, k), _mods(score_mod, plan.offset), _drop(dropout)
+            serial = bias is not None
+            inner = b * hkv if serial else 1
             with one_blas_thread():
-                _kernels.backward_kv(*arrays, gptr, gidx, float(scale), geom, plan.vis, plan.ilo,
-                                     plan.ihi, mods, drop, dk.reshape(-1, dk.shape[-1]),
-                                     dv.reshape(-1, dv.shape[-1]), dbias, per_key, bias is not None)
-                _kernels.backward_q(*arrays, head_map, float(scale), geom, plan.vis, plan.tlo,
-                                    plan.thi, mods, drop, dq.reshape(-1, dq.shape[-1]))
+                # dK/dV tasks are (key tile, batch, KV head); a part is whole tasks of the outer loop
+                kv_work = np.repeat(plan.work_k, b * hkv // inner) * inner
+                self._run(_kernels.backward_kv,
+                          arrays + (*spec, gptr, gidx, plan.ilo, plan.ihi, dk.reshape(-1, dk.shape[-1]),
+                                    dv.reshape(-1, dv.shape[-1]), dbias, per_key, serial),
+                          nbk * b * hkv // inner, kv_work)
+                self._run(_kernels.backward_q,
+                          arrays + (*spec, plan.tlo, plan.thi, dq.reshape(-1, dq.shape[-1])),
+                          b * hq * len(plan.tlo), np.tile(plan.work_q, b * hq))
         extras = {}
         if bias is not None:
             extras["bias"] = dbias if per_key else dbias.sum(axis=3, keepdims=True)

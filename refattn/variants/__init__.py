@@ -22,6 +22,17 @@ an extra positional array and an unknown keyword are errors naming the argument 
 variant's inputs and parameters. ``Variant.input_shapes`` gives each input's shape in symbols
 (``refattn list --json`` shows them).
 
+One home per family
+-------------------
+A family is one module or sub-package of ``refattn.variants`` (``core``, ``position/``,
+``kvcache/``, ``sparse/``, ...), and everything that defines its variants lives there: the
+registrations, the parameter dataclasses and the math helpers the definitions use (RoPE
+frequencies beside ``rope``, the KV cache and ring schedule beside ``paged`` and ``ring``). A
+sub-package keeps its registrations in ``__init__.py`` and its helpers in named modules
+(``position/encodings.py``, ``kvcache/serving.py``, ``sparse/bigbird.py``). Public modules such as
+``refattn.position`` and ``refattn.kvcache`` are aliases that re-export a family's helpers and hold
+no code of their own. Backends, Patterns and numerics never import a family.
+
 Families register on first use of the registry (no import-time side effects in ``refattn``; the
 registry module itself is imported with ``refattn``, so ``refattn.variants.list()`` works at once).
 """

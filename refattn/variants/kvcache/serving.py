@@ -29,7 +29,8 @@ import numpy as np
 
 from ...errors import ParameterError, ShapeError, fmt_shape
 from ...patterns import Pattern
-from ...validate import as_compute, check_int, check_qkv, int_array as check_int_array, check_scale, head_map_for, to_numpy
+from ...validate import (as_compute, check_int, check_qkv, check_scale, head_map_for,
+                         int_array as check_int_array, to_numpy)
 
 __all__ = ["KVCache", "decode_mask", "validate_block_table", "gather_paged", "scatter_paged",
            "mla_project", "mla_cache_bytes", "merge_states", "shard_indices", "ring_attention",
@@ -173,11 +174,10 @@ class KVCache:
         keep = kp[None, :] <= qp[:, None]
         if self.window is not None:
             keep &= kp[None, :] > qp[:, None] - self.window
-        be = _backend(backend)
-        hm = head_map_for(q.shape[1], self.num_kv_heads, head_map)
-        out, lse = be.attend(be.asarray(q), be.asarray(k), be.asarray(v), pattern=Pattern(dense=keep),
-                             scale=check_scale(scale, self.head_dim), head_map=hm)
-        return be.to_numpy(out), be.to_numpy(lse)
+        from ... import pipeline  # sdpa with the cache's visibility as its mask, through the one path
+        res = pipeline.run("sdpa", backend, {"q": q, "k": k, "v": v},
+                           {"mask": keep, "scale": scale, "head_map": head_map})
+        return res.outputs["out"], res.outputs["lse"]
 
 
 # -- paged KV ---------------------------------------------------------------------------------------
