@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from . import validate
 from .errors import BackendUnavailable, ParameterError
 
 
@@ -155,6 +156,9 @@ def run(variant, backend="numpy", inputs: Optional[dict] = None, params=None, *,
     if missing:
         raise ParameterError(f"{', '.join(missing)}: missing input of variant {var.name!r} "
                              f"(inputs {', '.join(var.inputs)})")
+    validate.check_all_finite(var, arrays, p)  # NaN/+inf anywhere is an error, never an output
+    if dout is not None:
+        validate.check_finite(dout, "dout")
     outputs = normalise_outputs(var, var.forward(be, arrays, p)) if forward else {}
     grads = None
     if dout is not None:

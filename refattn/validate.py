@@ -68,6 +68,72 @@ def _is_ml_float(dt) -> bool:
                                           "float8_e5m2fnuz", "float8_e4m3fnuz")
 
 
+def _nonfinite(a):
+    """``(nan, posinf, neginf)`` counts of a float array (zeros for other dtypes)."""
+    if a.dtype.kind not in "fc" and not _is_ml_float(a.dtype):
+        return 0, 0, 0
+    a = a.astype(np.float64, copy=False) if _is_ml_float(a.dtype) else a
+    if np.all(np.isfinite(a)):
+        return 0, 0, 0
+    return int(np.isnan(a).sum()), int(np.isposinf(a).sum()), int(np.isneginf(a).sum())
+
+
+def check_finite(x, name: str, *, masking: bool = False):
+    """Reject NaN and +inf in a float array (and -inf unless ``masking``: -inf hides a pair in a
+    bias-like array); integer and boolean arrays pass. The one finiteness rule of every input."""
+    a = x if isinstance(x, np.ndarray) else to_numpy(x, name)
+    nan, pos, neg = _nonfinite(np.asarray(a))
+    if nan or pos or (neg and not masking):
+        what = ", ".join(f"{n} {w}" for n, w in ((nan, "NaN"), (pos, "+inf"), (0 if masking else neg, "-inf")) if n)
+        allowed = "no NaN or +inf (-inf hides a pair)" if masking else "finite values"
+        raise ParameterError(f"{name}: expected {allowed}, got {what} entries")
+    return x
+
+
+def _array_like(value) -> bool:
+    if isinstance(value, (str, bytes, dict)) or value is None:
+        return False
+    if isinstance(value, (np.ndarray, list, tuple)):
+        return True
+    return hasattr(value, "__array__") or hasattr(value, "__dlpack__")
+
+
+def check_all_finite(var, arrays: dict, params):
+    """:func:`check_finite` for every input of a call and every array (or list of numbers)
+    parameter; parameters declared with ``masking`` metadata (``bias``) may hold -inf."""
+    import dataclasses
+    for name, a in arrays.items():
+        check_finite(a, name)
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if not _array_like(value):
+            continue
+        try:
+            a = np.asarray(value) if isinstance(value, (list, tuple)) else to_numpy(value, f.name)
+        except (ValueError, TypeError, DTypeError):
+            continue  # ragged or non-numeric: the variant's own check names it
+        check_finite(a, f.name, masking=f.metadata.get("masking", False))
+
+
+def check_score_range(q, k, scale: float, bias=None, name: str = "q, k"):
+    """Refuse scores that can overflow float64: ``max|q| * max|k| * D * |scale|`` (a bound of
+    ``|scale * q.k|``, partial sums included) plus ``max|bias|`` must stay below the largest
+    float64. Such scores would come back as inf or NaN, which a backend can turn into an output that
+    looks valid; the error says how large the bound is."""
+    aq = float(np.max(np.abs(q), initial=0.0))
+    ak = float(np.max(np.abs(k), initial=0.0))
+    d = q.shape[-1] if np.ndim(q) else 1
+    ab = 0.0 if bias is None else float(np.max(np.abs(np.where(np.isfinite(bias), bias, 0.0)), initial=0.0))
+    with np.errstate(over="ignore"):
+        bound = aq * ak * d * abs(scale) + ab
+    if not math.isfinite(bound) or bound >= np.finfo(np.float64).max / 4:
+        raise ParameterError(
+            f"{name}: expected scores scale * q.k that float64 can hold, got a bound max|q| * max|k| "
+            f"* D * |scale| + max|bias| = {aq:.3g} * {ak:.3g} * {d} * {abs(scale):.3g} + {ab:.3g} "
+            f"beyond {np.finfo(np.float64).max / 4:.3g}; scores this large overflow float64, "
+            f"rescale q or k")
+
+
 def check_choice(value, name: str, choices):
     if value not in choices:
         raise ParameterError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
@@ -98,9 +164,7 @@ def check_qkv(q, k, v, layout: str):
     for name, a in (("q", q), ("k", k), ("v", v)):
         if min(a.shape) == 0 and name != "q":
             raise ShapeError(f"{name}: expected non-empty dimensions, got shape {fmt_shape(a.shape)}")
-        if not np.all(np.isfinite(a)):
-            raise ParameterError(f"{name}: expected finite values, got {np.sum(~np.isfinite(a))} "
-                                 f"NaN/Inf entries")
+        check_finite(a, name)
 
 
 def _in_layout(shape_bhsd, layout: str):

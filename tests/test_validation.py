@@ -183,7 +183,7 @@ CASES = {
     "string_q": (_str_q(), {}, errors.DTypeError, TypeError, "q", ["real", "got dtype <U"]),
     "bool_k": ((qkv()[0], qkv()[1] > 0, qkv()[2]), {}, errors.DTypeError, TypeError, "k",
                ["real", "got dtype bool"]),
-    "nan_q": (_nan_q(), {}, errors.ParameterError, ValueError, "q", ["finite", "got 1 NaN/Inf"]),
+    "nan_q": (_nan_q(), {}, errors.ParameterError, ValueError, "q", ["finite", "got 1 NaN entries"]),
     "flash_block": (None, dict(variant="flash", block_q=0), errors.ParameterError, ValueError,
                     "block_q", [">= 1", "got 0"]),
 }

@@ -50,7 +50,8 @@ class CoreParams:
     alignment: str = param_field("bottom_right", "diagonal offset s = Sk-Sq ('bottom_right') or 0 ('top_left')")
     window: Optional[tuple] = param_field(None, "(left, right), -1 = unbounded; key j visible iff i+s-left <= j <= i+s+right")
     mask: Any = param_field(None, "bool array broadcastable to (B, H, Sq, Sk), True = keep")
-    bias: Any = param_field(None, "additive float array broadcastable to (B, H, Sq, Sk)")
+    bias: Any = param_field(None, "additive float array broadcastable to (B, H, Sq, Sk); -inf hides a pair",
+                            masking=True)
     softcap: Optional[float] = param_field(None, "cap c: s = c * tanh(s / c), before bias and mask")
     alibi_slopes: Any = param_field(None, "(Hq,) ALiBi slopes; bias -slope * |i + s - j|")
     alibi_form: str = param_field("symmetric", "'symmetric' (-slope*|i+s-j|) or 'flash' (+slope*j, flash-attn's causal kernel)")
@@ -157,8 +158,10 @@ def prepare(backend, arrays: dict, p: CoreParams, heads: Optional[str] = None) -
     dropout = None
     if dp > 0 or drop_mask is not None:
         dropout = Dropout(p=dp, seed=p.dropout_seed, mask=drop_mask)
+    scale = V.check_scale(p.scale, d)
+    V.check_score_range(q, k, scale, bias)
     return Prepared(q=q, k=k, v=v, head_map=head_map, pattern=pattern,
-                    scale=V.check_scale(p.scale, d),
+                    scale=scale,
                     score_mod=None if score_mod.is_identity else score_mod, sinks=sinks,
                     dropout=dropout)
 

@@ -42,6 +42,7 @@ _BACKENDS = ("numpy", "numba")
 
 
 def _attend(backend, q, k, v, *, pattern, scale, head_map):
+    V.check_score_range(q, k, scale)  # made (projected, compressed) q and k: checked here
     out, lse = backend.attend(backend.asarray(q), backend.asarray(k), backend.asarray(v),
                               pattern=pattern, scale=scale, head_map=head_map)
     return backend.to_numpy(out), backend.to_numpy(lse)

@@ -29,7 +29,7 @@ import numpy as np
 
 from ...errors import ParameterError, ShapeError, fmt_shape
 from ...patterns import Pattern
-from ...validate import (as_compute, check_int, check_qkv, check_scale, head_map_for,
+from ...validate import (as_compute, check_finite, check_int, check_qkv, check_scale, check_score_range, head_map_for,
                          int_array as check_int_array, to_numpy)
 
 __all__ = ["KVCache", "decode_mask", "validate_block_table", "gather_paged", "scatter_paged",
@@ -119,7 +119,7 @@ class KVCache:
 
     def append(self, k, v) -> "KVCache":
         """Add ``n`` tokens; returns ``self``."""
-        k, v = as_compute(k, "k"), as_compute(v, "v")
+        k, v = check_finite(as_compute(k, "k"), "k"), check_finite(as_compute(v, "v"), "v")
         want_k = (self.batch, self.num_kv_heads, k.shape[2] if k.ndim == 4 else -1, self.head_dim)
         if k.ndim != 4 or k.shape != want_k:
             raise ShapeError(f"k: expected (B, Hkv, n, D) = ({self.batch}, {self.num_kv_heads}, n, "
@@ -392,7 +392,9 @@ def _ring_plan(q, k, v, num_devices, causal, alignment, sharding, scale, head_ma
         report.steps.append(step)
         sent = sum(b * hkv * len(ks[(r - t) % p]) * (d + v.shape[3]) * itemsize for r in range(p))
         report.bytes_per_step.append(moving * sent if t < p - 1 else 0)
-    return _RingPlan(q=q, k=k, v=v, qs=qs, ks=ks, mask=mask, scale=check_scale(scale, d),
+    scale = check_scale(scale, d)
+    check_score_range(q, k, scale)
+    return _RingPlan(q=q, k=k, v=v, qs=qs, ks=ks, mask=mask, scale=scale,
                      head_map=head_map_for(hq, hkv, head_map), report=report)
 
 
