@@ -203,11 +203,12 @@ class FFN:
     b_up: Any = None
     b_down: Any = None
 
-    def checked(self, d: int, name: str = "", stacked: Optional[bool] = None) -> "FFN":
-        """Validated float64 copy for inputs with ``d`` features. ``stacked``: True requires a
-        leading expert axis, False forbids it, None accepts either (stacked FFNs are summed)."""
+    def checked(self, d: int, prefix: str = "", stacked: Optional[bool] = None) -> "FFN":
+        """Validated float64 copy for inputs with ``d`` features; messages name the weights
+        ``prefix + "w_up"`` etc. ``stacked``: True requires a leading expert axis, False forbids it,
+        None accepts either (stacked FFNs are summed)."""
         V.check_choice(self.activation, "activation", ACTIVATIONS)
-        pre = f"{name}." if name else ""
+        pre = prefix
         up = finite(self.w_up, pre + "w_up")
         want = {True: "(E, d, f)", False: "(d, f)", None: "(d, f) or (E, d, f)"}[stacked]
         if (up.ndim not in (2, 3) or (stacked is True and up.ndim != 3)

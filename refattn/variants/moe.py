@@ -427,20 +427,20 @@ def route(x, w_router, *, k=None, scoring=None, normalize=None, order=None, capa
 
 
 # -- experts ---------------------------------------------------------------------------------------
-def _experts(experts, d: int, e: int) -> FFN:
+def _experts(experts, d: int, e: int, prefix: str = "experts.") -> FFN:
     if isinstance(experts, dict):
         experts = FFN(**experts)
     if not isinstance(experts, FFN):
         raise ParameterError(f"experts: expected a refattn.block.FFN (or a dict with w_up, w_down, "
                              f"w_gate, activation) of stacked weights, got {type(experts).__name__}")
-    w = experts.checked(d, "experts", stacked=True)
+    w = experts.checked(d, prefix, stacked=True)
     if w.w_up.shape[0] != e:
-        raise ShapeError(f"experts.w_up: expected {e} experts (the router's E) on the first axis, "
+        raise ShapeError(f"{prefix}w_up: expected {e} experts (the router's E) on the first axis, "
                          f"got {fmt_shape(w.w_up.shape)}")
     return w
 
 
-def _shared(shared, d: int) -> Optional[FFN]:
+def _shared(shared, d: int, prefix: str = "shared_experts.") -> Optional[FFN]:
     if shared is None:
         return None
     if isinstance(shared, dict):
@@ -448,7 +448,7 @@ def _shared(shared, d: int) -> Optional[FFN]:
     if not isinstance(shared, FFN):
         raise ParameterError(f"shared_experts: expected a refattn.block.FFN or a dict, got "
                              f"{type(shared).__name__}")
-    return shared.checked(d, "shared_experts")
+    return shared.checked(d, prefix)
 
 
 def _check_routing(routing, t: int):
@@ -642,8 +642,11 @@ def _layer_parts(arrays, p: LayerParams):
     _check_flags(p)
     V.check_choice(p.activation, "activation", ("silu", "gelu", "gelu_tanh", "relu"))
     routing = route(arrays["x"], arrays["w_router"], **_route_kwargs(p))
-    experts = FFN(arrays["w_up"], arrays["w_down"], arrays["w_gate"], p.activation)
-    return routing, experts, _shared_of(p)
+    d = np.shape(arrays["x"])[-1]
+    experts = _experts(FFN(arrays["w_up"], arrays["w_down"], arrays["w_gate"], p.activation), d,
+                       routing.num_experts, prefix="")  # messages name the inputs: w_up, ...
+    shared = _shared_of(p)
+    return routing, experts, None if shared is None else _shared(shared, d, prefix="shared_")
 
 
 def _layer_forward(backend, arrays, p: LayerParams):
