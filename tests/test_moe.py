@@ -578,3 +578,94 @@ def test_expert_shapes_are_checked_against_the_router():
     with pytest.raises(ParameterError, match=r"^shared_w_up: shared experts need"):
         refattn.attention(variant="moe_layer", x=x, w_router=w, w_gate=np.ones((8, 6, 2)),
                           w_up=np.ones((8, 6, 2)), w_down=np.ones((8, 2, 6)), shared_w_gate=np.ones((6, 2)))
+
+
+# -- refattn compare ---------------------------------------------------------------------------------
+def compare(*args):
+    from click.testing import CliRunner
+    from refattn.cli.main import cli
+    return CliRunner().invoke(cli, ["compare", *args], catch_exceptions=False)
+
+
+def compare_json(*args):
+    import json
+    res = compare("--json", *args)
+    assert res.exit_code in (0, 1), (res.output, res.stderr)
+    return res.exit_code, json.loads(res.output)
+
+
+def test_compare_moe_topk_prints_pass_and_the_routing_agreement():
+    res = compare("--variant", "moe_topk")
+    assert res.exit_code == 0, res.output
+    assert "routing (from dispatch): all 128 tokens went to the same experts" in res.output
+    assert res.output.rstrip().splitlines()[-1].startswith("PASS")
+
+
+def test_compare_impl_gets_the_inputs_by_name_made_from_the_seed():
+    import moe_impls
+    code, data = compare_json("--variant", "moe_topk", "--impl", "moe_impls:router", "--seed", "7",
+                              "--param", "normalize=topk")
+    assert code == 0 and data["verdict"] == "PASS"
+    assert set(data["arrays"]) == {"out", "indices"}  # what the function returned is compared
+    assert data["routing"]["source"] == "indices" and data["routing"]["disagreeing"] == 0
+    # the documented order: x (B, Sq, D) first, then w_router (D, E) / sqrt(D), E = 2·Hq
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 64, 16))
+    w = rng.standard_normal((16, 8)) / 4.0
+    np.testing.assert_array_equal(moe_impls.SEEN["x"], x)
+    np.testing.assert_array_equal(moe_impls.SEEN["w_router"], w)
+    assert moe_impls.SEEN["params"] == {"k": 2, "normalize": "topk"}  # the given parameters only
+
+
+def test_compare_reports_which_token_went_to_which_other_expert():
+    import moe_impls
+    code, data = compare_json("--variant", "moe_topk", "--impl", "moe_impls:router_wrong_token")
+    assert code == 1 and data["verdict"] == "FAIL"
+    p = moe_impls._probs(moe_impls.SEEN["x"], moe_impls.SEEN["w_router"])[5]
+    first, second, third = (int(e) for e in np.argsort(-p, kind="stable")[:3])
+    rep = data["routing"]
+    assert rep["disagreeing"] == 1 and rep["tokens"] == 128 and rep["token_shape"] == [2, 64]
+    assert rep["first"] == [{"token": 5, "position": [0, 5], "under_test": sorted([first, third]),
+                             "reference": sorted([first, second]), "only_under_test": [third],
+                             "only_reference": [second]}]
+    text = compare("--variant", "moe_topk", "--impl", "moe_impls:router_wrong_token").output
+    assert (f"token 5 (0, 5): experts {sorted([first, third])} under test, "
+            f"{sorted([first, second])} in the reference: to [{third}] instead of [{second}]") in text
+
+
+def test_compare_impl_with_torch_tensors():
+    pytest.importorskip("torch")
+    code, data = compare_json("--variant", "moe_topk", "--impl", "moe_impls:torch_router",
+                              "--framework", "torch")
+    assert code == 0 and data["routing"]["disagreeing"] == 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--variant", "moe_topk", "--impl", "moe_impls:router", "--adapter", "sdpa"),
+     "--adapter sdpa: expected a variant on q, k, v; variant 'moe_topk' takes x, w_router"),
+    (("--variant", "moe_topk", "--impl", "moe_impls:router", "--dtype", "bf16"),
+     "--dtype: --impl on variant 'moe_topk' (inputs x, w_router) compares float64 outputs only"),
+    (("--variant", "moe_layer", "--impl", "moe_impls:router", "--grad", "--framework", "torch"),
+     "--grad: --impl on variant 'moe_layer'"),
+    (("--variant", "moe_topk", "--impl", "moe_impls:router_unknown_output"),
+     "impl: returned output 'experts', which variant 'moe_topk' does not have"),
+    (("--variant", "moe_topk", "--param", "k=0"), "k: expected an integer in [1, 8]"),
+    (("--variant", "moe_topk", "--param", "capacity_factor=-1"), "capacity_factor: expected a finite number > 0"),
+])
+def test_compare_usage_errors_are_one_line(args, needle):
+    res = compare(*args)
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip()
+    assert err.startswith("Error: ") and "\n" not in err and needle in err, err
+
+
+def test_compare_golden_cases_of_the_family():
+    for case in ("moe_topk_switch_capacity", "moe_layer_deepseek_v3_shared"):
+        res = compare("--case", case, "--against", "golden")
+        assert res.exit_code == 0, res.output
+        assert "tokens went to the same experts" in res.output
+
+
+def test_other_families_get_no_routing_report():
+    code, data = compare_json("--variant", "sdpa", "--shape", "1,2,8,4", "--backend", "numpy")
+    assert code == 0 and data["routing"] is None
