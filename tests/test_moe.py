@@ -669,3 +669,33 @@ def test_compare_golden_cases_of_the_family():
 def test_other_families_get_no_routing_report():
     code, data = compare_json("--variant", "sdpa", "--shape", "1,2,8,4", "--backend", "numpy")
     assert code == 0 and data["routing"] is None
+
+
+def test_extreme_logits_keep_exact_normalised_weights():
+    # every sigmoid score underflows (logits ~ -800): s / Σ s is still defined; its limit, and the
+    # float64 value, is the softmax over the selected logits (log sigmoid(l) = l + O(e^l))
+    x = np.ones((2, 1))
+    w = np.array([[-800.0, -801.0, -805.0, -900.0]])
+    r = moe.route(x, w, k=2, scoring="sigmoid", normalize="topk", routed_scaling_factor=2.5)
+    np.testing.assert_array_equal(r.indices, [[0, 1]] * 2)
+    want = 2.5 * np.exp([0.0, -1.0]) / (1 + math.exp(-1.0))
+    np.testing.assert_allclose(r.weights, [want] * 2, rtol=1e-15)
+    assert np.isfinite(r.aux_loss) and np.isfinite(r.z_loss)
+    # softmax scoring where a selection bias picks experts whose probabilities underflow
+    w = np.array([[0.0, -1000.0, -1001.0]])
+    r = moe.route(x, w, k=2, normalize="topk", selection_bias=[-1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(r.indices, [[1, 2]] * 2)
+    np.testing.assert_allclose(r.weights, [[1 / (1 + math.exp(-1)), 1 - 1 / (1 + math.exp(-1))]] * 2,
+                               rtol=1e-15)
+    # moderate logits: the log-space evaluation is r / Σ r to rounding
+    xs, ws = data()
+    r = moe.route(xs, ws, k=3, scoring="sigmoid", normalize="topk")
+    s = 1 / (1 + np.exp(-(xs @ ws)))
+    raw = np.take_along_axis(s, r.indices, 1)
+    np.testing.assert_allclose(r.weights, raw / raw.sum(1, keepdims=True), rtol=1e-15, atol=0)
+
+
+def test_overflowing_logits_are_a_named_error():
+    x = np.full((2, 3), 1e200)
+    with pytest.raises(ParameterError, match=r"^x: the logits x @ w_router overflow float64"):
+        moe.route(x, np.full((3, 4), 1e200), k=1)

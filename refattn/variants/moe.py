@@ -27,8 +27,11 @@ Routing, step by step (:func:`route`)
    the order is a stable sort of ``-c``.
 6. **Weights** of the selected experts: ``s[e]`` (softmax scores, ``softmax_then_topk``; or sigmoid
    scores), or ``softmax(l[selected])`` (``topk_then_softmax``); with ``normalize="topk"`` divided by
-   their sum (no epsilon; HF's DeepSeek adds 1e-20 to the sum, which changes nothing unless the
-   selected scores sum below ~1e-4); finally times ``routed_scaling_factor``.
+   their sum; finally times ``routed_scaling_factor``. The normalised weights are evaluated as a
+   softmax over the selected log-scores (the same numbers, without ``0/0`` when every selected score
+   underflows: sigmoid of logits below about -745). HF's DeepSeek adds 1e-20 to the sum, which
+   changes nothing unless the selected scores sum below ~1e-4 and gives 0 instead of the limit when
+   they underflow.
 7. **Capacity** (with ``capacity_factor`` or ``expert_capacity``): each expert takes at most
    ``C = ceil(capacity_factor · T · k / E)`` assignments -- computed exactly, with the factor read as
    its shortest decimal (1.1 means 11/10) -- or ``C = expert_capacity``. Assignments are granted in
@@ -334,11 +337,22 @@ def _group_limit(c: np.ndarray, s: RouterSettings) -> np.ndarray:
     return np.where(np.repeat(keep, e // s.n_group, axis=1), c, -np.inf)
 
 
+def _log_sigmoid(a: np.ndarray) -> np.ndarray:
+    """``log sigmoid(a) = -log(1 + exp(-a))`` without overflow or underflow."""
+    return -(np.log1p(np.exp(-np.abs(a))) + np.maximum(-a, 0.0))
+
+
 def _raw_weights(logits, scores, indices, s: RouterSettings) -> np.ndarray:
-    """Step 6 before normalisation and scaling."""
+    """Step 6 before scaling. ``normalize="topk"``'s ``r / Σ r`` is evaluated as a softmax over the
+    selected ``log r`` (``l - lse``: the lse cancels; ``log sigmoid(l)``), the same number without
+    the ``0 / 0`` of scores that all underflow (sigmoid of logits below about -745, or softmax
+    probabilities of experts chosen through a large selection bias)."""
     rows = np.arange(indices.shape[0])[:, None]
+    sel = logits[rows, indices]
+    if s.normalize == "topk":
+        return _softmax(_log_sigmoid(sel) if s.scoring == "sigmoid" else sel)
     if s.scoring == "softmax" and s.order == "topk_then_softmax":
-        return _softmax(logits[rows, indices])
+        return _softmax(sel)
     return scores[rows, indices]
 
 
@@ -386,7 +400,12 @@ def route(x, w_router, *, k=None, scoring=None, normalize=None, order=None, capa
     rb = None if router_bias is None else shaped(router_bias, "router_bias", (e,), "(one per expert)")
     sb = None if selection_bias is None else shaped(selection_bias, "selection_bias", (e,),
                                                     "(one per expert)")
-    logits = flat @ w if rb is None else flat @ w + rb
+    with np.errstate(over="ignore", invalid="ignore"):
+        logits = flat @ w if rb is None else flat @ w + rb
+    if not np.all(np.isfinite(logits)):
+        raise ParameterError(f"x: the logits x @ w_router overflow float64 in "
+                             f"{int(np.sum(~np.isfinite(logits)))} entries (|x| up to "
+                             f"{float(np.abs(flat).max()):.3g}, |w_router| up to {float(np.abs(w).max()):.3g})")
     scores = _softmax(logits) if s.scoring == "softmax" else _sigmoid(logits)
     choice = logits if s.order == "topk_then_softmax" else scores
     if sb is not None:
@@ -394,10 +413,7 @@ def route(x, w_router, *, k=None, scoring=None, normalize=None, order=None, capa
     if s.n_group is not None:
         choice = _group_limit(choice, s)
     indices = _top(choice, s.k)
-    raw = _raw_weights(logits, scores, indices, s)
-    if s.normalize == "topk":
-        raw = raw / raw.sum(axis=-1, keepdims=True)
-    weights = raw * s.routed_scaling_factor
+    weights = _raw_weights(logits, scores, indices, s) * s.routed_scaling_factor
 
     cap = s.expert_capacity
     if s.capacity_factor is not None:
@@ -413,7 +429,7 @@ def route(x, w_router, *, k=None, scoring=None, normalize=None, order=None, capa
     load = np.bincount(indices[kept], minlength=e).astype(np.int64)
 
     counts = np.bincount(indices.ravel(), minlength=e)  # before capacity
-    norm_scores = scores if s.scoring == "softmax" else scores / scores.sum(axis=-1, keepdims=True)
+    norm_scores = scores if s.scoring == "softmax" else _softmax(_log_sigmoid(logits))  # s / Σ_e s
     p_mean = norm_scores.mean(axis=0)
     if s.aux_loss_form == "switch":
         aux = e * float(np.sum(counts / (t * s.k) * p_mean))
@@ -489,21 +505,23 @@ def moe_forward(x, routing: Routing, experts, shared_experts=None) -> np.ndarray
 
 def router_backward(routing: Routing, dweights) -> np.ndarray:
     """``dlogits (T, E)`` for the gradient ``dweights (T, k)`` of :attr:`Routing.weights`, with the
-    selection held fixed (exact wherever no two choice values tie). Chain: scaling, then
-    ``normalize="topk"`` (``dr = (dw - Σ ŵ dw) / Σ r``), then softmax over all experts
-    (``dl = p ⊙ (dp - Σ p dp)``), over the selected logits, or sigmoid (``s (1 - s)``)."""
+    selection held fixed (exact wherever no two choice values tie). Chain: scaling; with
+    ``normalize="topk"`` the softmax over the selected ``log r`` (``dlog r = ŵ ⊙ (dw - Σ ŵ dw)``),
+    then ``d log r / dl`` = 1 (softmax scoring: the lse's share sums to 0) or ``1 - sigmoid(l)``;
+    without it, softmax over all experts (``dl = p ⊙ (dp - Σ p dp)``), over the selected logits,
+    or sigmoid (``s (1 - s)``)."""
     s = routing.settings
     idx = routing.indices
     t = idx.shape[0]
     rows = np.arange(t)[:, None]
     dw = np.asarray(dweights, dtype=np.float64) * s.routed_scaling_factor
     raw = _raw_weights(routing.logits, routing.scores, idx, s)
-    if s.normalize == "topk":
-        total = raw.sum(axis=-1, keepdims=True)
-        w_hat = raw / total
-        dw = (dw - np.sum(w_hat * dw, axis=-1, keepdims=True)) / total
     dl = np.zeros_like(routing.logits)
-    if s.scoring == "softmax" and s.order == "topk_then_softmax":
+    if s.normalize == "topk":
+        dlog = raw * (dw - np.sum(raw * dw, axis=-1, keepdims=True))
+        sel = routing.logits[rows, idx]
+        dl[rows, idx] = dlog * _sigmoid(-sel) if s.scoring == "sigmoid" else dlog
+    elif s.scoring == "softmax" and s.order == "topk_then_softmax":
         dl[rows, idx] = raw * (dw - np.sum(raw * dw, axis=-1, keepdims=True))
     elif s.scoring == "softmax":
         p = routing.scores
