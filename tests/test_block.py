@@ -104,8 +104,14 @@ def test_rms_and_layer_norm_equal_their_definitions():
     np.testing.assert_allclose(B.layer_norm(x, w, b, eps=1e-5), ref_layer(x, w, b, 1e-5), rtol=1e-13, atol=1e-14)
     np.testing.assert_allclose(B.rms_norm(x), ref_rms(x, np.ones(7), 1e-6), rtol=1e-14)
     np.testing.assert_allclose(B.layer_norm(x), ref_layer(x, np.ones(7), np.zeros(7), 1e-5), rtol=1e-13, atol=1e-14)
-    # eps = 0 on a zero row: 0/0 is the user's to avoid; eps > 0 gives 0
+    # a zero row: 0 with eps > 0; with eps = 0 a named error instead of 0/0
     assert np.all(B.rms_norm(np.zeros((1, 4)), eps=1e-6) == 0)
+    assert np.all(B.layer_norm(np.full((1, 4), 3.0), eps=1e-6) == 0)
+    np.testing.assert_allclose(B.rms_norm(x, eps=0.0), ref_rms(x, np.ones(7), 0.0), rtol=1e-14)
+    with pytest.raises(ParameterError, match=r"^eps: expected eps > 0 for x with a row of zero mean square"):
+        B.rms_norm(np.zeros((2, 4)), eps=0.0)
+    with pytest.raises(ParameterError, match=r"^eps: expected eps > 0 for x with a row of zero variance"):
+        B.layer_norm_backward(np.ones((2, 4)), None, np.ones((2, 4)), eps=0)
 
 
 @pytest.mark.parametrize("act", B.ACTIVATIONS)
@@ -359,6 +365,8 @@ def test_registered_block_equals_the_python_api_and_takes_json_params():
 
 @pytest.mark.parametrize("kw, exc, match", [
     (dict(attention="paged"), ParameterError, r"^attention: expected a variant on q, k, v"),
+    (dict(attention="t5"), ParameterError, r"^inputs: variant 't5' also takes table; pass them"),
+    (dict(attention="block"), ParameterError, r"^attention: expected a variant on q, k, v"),
     (dict(attention="nope_such"), RefattnError, r"^variant: expected one of"),
     (dict(attention_params="{causal"), ParameterError, r"^attention_params: expected a dict or JSON"),
     (dict(attention_params="[1, 2]"), ParameterError, r"^attention_params: expected a dict or JSON"),
@@ -368,7 +376,8 @@ def test_registered_block_equals_the_python_api_and_takes_json_params():
     (dict(norm="batch"), ParameterError, r"^norm: expected one of 'rms', 'layer'"),
     (dict(eps=-1.0), ParameterError, r"^eps: expected a finite number >= 0"),
     (dict(attn_norm_bias=np.zeros(8)), ParameterError, r"^norm: RMSNorm has no bias"),
-    (dict(attn_norm=np.ones(7)), ShapeError, r"^weight: expected shape \(8,\)"),
+    (dict(attn_norm=np.ones(7)), ShapeError, r"^attn_norm: expected shape \(8,\)"),
+    (dict(ffn_norm_bias=np.ones(9), norm="layer"), ShapeError, r"^ffn_norm_bias: expected shape \(8,\)"),
     (dict(w_gate=np.ones((8, 3))), ShapeError, r"^w_gate: expected shape \(8, 16\)"),
     (dict(activation="tanh"), ParameterError, r"^activation: expected one of"),
 ])
@@ -406,3 +415,17 @@ def test_block_on_numba_runs_the_attention_on_numba():
     assert np.linalg.norm(a - b) <= 1e-13 * np.linalg.norm(b)
     with pytest.raises(RefattnError, match=r"^backend: expected one of numpy for variant 'flash'"):
         refattn.attention(variant="block", backend="numba", **arrays, attention="flash")
+
+
+@pytest.mark.parametrize("name", ["x", "w_q", "w_k", "w_v", "w_o", "w_up", "w_down", "attn_norm",
+                                  "ffn_norm", "w_gate"])
+def test_nan_and_inf_in_every_block_array_are_named(name):
+    var = refattn.variants.get("block")
+    arrays = var.example((1, 2, 4, 4, 4, 1), np.random.default_rng(0), var.parse_params({}))
+    params = {"attn_norm": np.ones(8), "ffn_norm": np.ones(8), "w_gate": np.ones((8, 16))}
+    target = arrays if name in arrays else params
+    for value in (np.nan, -np.inf):
+        target[name] = np.array(target[name], dtype=float)
+        target[name].flat[1] = value
+        with pytest.raises(ParameterError, match=rf"^{name}: expected finite values, got 1 NaN/Inf"):
+            refattn.attention(variant="block", **arrays, **params)

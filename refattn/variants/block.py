@@ -125,11 +125,20 @@ def _norm_weight(weight, name, d):
     return np.ones(d) if weight is None else shaped(weight, name, (d,), "(one per feature)")
 
 
+def _denominator(spread, eps, what):
+    """``sqrt(spread + eps)``; a zero with ``eps = 0`` is an error, not a silent 0/0."""
+    den = np.sqrt(spread + check_eps(eps))
+    if np.any(den == 0):
+        raise ParameterError(f"eps: expected eps > 0 for x with a row of zero {what} "
+                             f"({int(np.sum(den == 0))} rows), got eps = 0")
+    return den
+
+
 def rms_norm(x, weight=None, *, eps: float = 1e-6) -> np.ndarray:
     """``x / sqrt(mean(x², -1) + eps) * weight`` over the last axis (module docstring)."""
     x = finite(x, "x")
     w = _norm_weight(weight, "weight", x.shape[-1])
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + check_eps(eps)) * w
+    return x / _denominator(np.mean(x * x, axis=-1, keepdims=True), eps, "mean square") * w
 
 
 def rms_norm_backward(x, weight, dy, *, eps: float = 1e-6) -> tuple:
@@ -140,7 +149,7 @@ def rms_norm_backward(x, weight, dy, *, eps: float = 1e-6) -> tuple:
     """
     x, dy = finite(x, "x"), finite(dy, "dy")
     w = _norm_weight(weight, "weight", x.shape[-1])
-    r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + check_eps(eps))
+    r = 1.0 / _denominator(np.mean(x * x, axis=-1, keepdims=True), eps, "mean square")
     g = dy * w
     dx = r * g - x * r ** 3 * np.mean(g * x, axis=-1, keepdims=True)
     dw = (dy * x * r).reshape(-1, x.shape[-1]).sum(axis=0)
@@ -154,7 +163,7 @@ def layer_norm(x, weight=None, bias=None, *, eps: float = 1e-5) -> np.ndarray:
     w = _norm_weight(weight, "weight", d)
     b = np.zeros(d) if bias is None else shaped(bias, "bias", (d,), "(one per feature)")
     xc = x - np.mean(x, axis=-1, keepdims=True)
-    return xc / np.sqrt(np.mean(xc * xc, axis=-1, keepdims=True) + check_eps(eps)) * w + b
+    return xc / _denominator(np.mean(xc * xc, axis=-1, keepdims=True), eps, "variance") * w + b
 
 
 def layer_norm_backward(x, weight, dy, *, eps: float = 1e-5) -> tuple:
@@ -164,7 +173,7 @@ def layer_norm_backward(x, weight, dy, *, eps: float = 1e-5) -> tuple:
     d = x.shape[-1]
     w = _norm_weight(weight, "weight", d)
     xc = x - np.mean(x, axis=-1, keepdims=True)
-    r = 1.0 / np.sqrt(np.mean(xc * xc, axis=-1, keepdims=True) + check_eps(eps))
+    r = 1.0 / _denominator(np.mean(xc * xc, axis=-1, keepdims=True), eps, "variance")
     n = xc * r
     g = dy * w
     dx = r * (g - np.mean(g, axis=-1, keepdims=True) - n * np.mean(g * n, axis=-1, keepdims=True))
@@ -376,6 +385,11 @@ class QKVAttention:
         if clash:
             raise ParameterError(f"inputs: {clash[0]!r} is made by the projections; give only the "
                                  f"variant's other inputs ({', '.join(var.inputs[3:]) or 'none'})")
+        missing = [n for n in var.inputs[3:] if n not in extra]
+        if missing:
+            raise ParameterError(f"inputs: variant {var.name!r} also takes {', '.join(missing)}; "
+                                 f"pass them as QKVAttention(..., inputs={{...}}) (the registered "
+                                 f"block variant makes only q, k, v)")
         return replace(self, w_q=w_q, w_k=w_k, w_v=w_v, w_o=w_o, variant=var.name,
                        params=_attention_params(self.params, "params"), inputs=extra, **b)
 
@@ -499,7 +513,11 @@ def _block_input(x, block):
                              f"{type(block.attention).__name__}")
     if not isinstance(block.ffn, (FFN, MoE)):
         raise ParameterError(f"ffn: expected an FFN or an MoE, got {type(block.ffn).__name__}")
-    return x, block.attention.checked(x.shape[2])
+    d = x.shape[2]
+    for name in ("attn_norm", "ffn_norm", "attn_norm_bias", "ffn_norm_bias"):
+        if getattr(block, name) is not None:  # checked here so that messages name them
+            shaped(getattr(block, name), name, (d,), "(one per feature)")
+    return x, block.attention.checked(d)
 
 
 def _attend(mixer, u, backend, dout=None):
