@@ -62,11 +62,11 @@ Presets (``preset=``; every explicitly given value wins over the preset's)
 -------------------------------------------------------------------------
 * ``switch`` -- ``k=1``, softmax, no renormalisation: ``y = p_e*(x) · E_e*(x)`` with
   ``e* = argmax p``. Fedus, Zoph & Shazeer, *Switch Transformers*, JMLR 2022, eq. (1)-(2); capacity
-  (``capacity_factor``, their §2.2) and the aux loss eq. (4)-(6) as above. No capacity is implied:
+  eq. (3) (tokens per batch / experts × capacity factor, §2.2) and the aux loss eq. (4)-(6) as above. No capacity is implied:
   give ``capacity_factor`` (the paper uses 1.0-2.0) or ``expert_capacity`` (HF's fixed
   ``expert_capacity``, applied per sequence by HF: route each sequence on its own for that).
 * ``mixtral`` -- ``k=2``, ``G(x) = softmax(top2(x W_g))`` (``order="topk_then_softmax"``):
-  ``y = Σ_{i ∈ top2} G(x)_i · SwiGLU_i(x)``. Jiang et al., *Mixtral of Experts*, 2024, eq. (1)-(2);
+  ``y = Σ_{i ∈ top2} G(x)_i · SwiGLU_i(x)``. Jiang et al., *Mixtral of Experts*, 2024, eq. (1)-(3);
   equal to HF ``MixtralTopKRouter``'s softmax, top-2, renormalise (``softmax_then_topk`` with
   ``normalize="topk"``).
 * ``deepseek_v3`` -- sigmoid affinities ``s = σ(x W)``, selection on ``s + b`` (``selection_bias``),
@@ -129,11 +129,12 @@ PRESETS = {
         "p = softmax(x W_r); e* = argmax_e p_e; y = p_e* · E_e*(x); capacity C = ceil(cf·T/E) "
         "when a capacity factor is given, overflow dropped (residual); aux = E·Σ_e f_e·P_e",
         "Fedus, Zoph & Shazeer, Switch Transformers: Scaling to Trillion Parameter Models with "
-        "Simple and Efficient Sparsity, JMLR 2022, eq. (1)-(2), (4)-(6) and §2.2"),
+        "Simple and Efficient Sparsity, JMLR 2022, eq. (1)-(2); capacity eq. (3), §2.2; aux loss "
+        "eq. (4)-(6)"),
     "mixtral": Preset(
         "mixtral", dict(k=2, scoring="softmax", normalize="none", order="topk_then_softmax"),
         "G(x) = softmax(top2(x W_g)); y = Σ_{i in top2} G(x)_i · SwiGLU_i(x)",
-        "Jiang et al., Mixtral of Experts, 2024, eq. (1)-(2); HF MixtralTopKRouter (softmax, top-2, "
+        "Jiang et al., Mixtral of Experts, 2024, eq. (1)-(3); HF MixtralTopKRouter (softmax, top-2, "
         "renormalise: the same numbers)"),
     "deepseek_v3": Preset(
         "deepseek_v3", dict(k=8, scoring="sigmoid", normalize="topk", order="softmax_then_topk",
