@@ -112,7 +112,8 @@ def npz_bytes(arrays: dict) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for key in sorted(arrays):
-            a = np.ascontiguousarray(arrays[key])
+            a = np.asarray(arrays[key])
+            a = a if a.ndim == 0 else np.ascontiguousarray(a)  # it would make a 0-d array 1-d
             if a.dtype.hasobject:
                 raise GoldenCorrupt(f"{key}: expected a numeric or boolean array, got dtype object")
             info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))

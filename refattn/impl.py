@@ -306,3 +306,49 @@ def _jax_grads(fn, adapter, arrays, params, dout, dtype, device) -> dict:
         raise ImplCallError(f"impl: jax.vjp through the output failed: {type(exc).__name__}: "
                             f"{exc}") from exc
     return {n: sc.to_case(to_numpy(g, n)) for n, g in zip(("dq", "dk", "dv"), got)}
+
+
+# -- any variant: inputs by name -----------------------------------------------------------------------
+def call_named(fn: Callable, variant, inputs: dict, params: dict, *, framework: str = "numpy",
+               device: Optional[str] = None) -> dict:
+    """``{output name: float64 numpy}`` of ``fn(**inputs, **params)`` for any registered variant.
+
+    ``fn`` receives the variant's declared inputs by their documented names (``Variant.inputs``;
+    e.g. ``x, w_router`` for ``moe_topk``, ``x, w_router, w_gate, w_up, w_down`` for ``moe_layer``)
+    and the case's parameters by name, as numpy arrays (float inputs float64, integer ones int64)
+    or, with ``framework="torch"``, torch tensors on ``device`` made with DLPack. It returns a dict
+    keyed by the variant's output names (``Variant.outputs``: ``{"out": ..., "indices": ...}``), a
+    tuple in that order (``(out, indices, ...)``, None for ones it does not compute), or the
+    ``out`` array alone; each comes back as float64 numpy. ``return_*`` flags are not passed.
+    """
+    from .pipeline import variant_of
+
+    _check_framework(framework)
+    var = variant_of(variant)
+
+    def conv(a):
+        if not isinstance(a, np.ndarray):
+            return a
+        if a.dtype.kind == "f":
+            a = np.asarray(a, dtype=np.float64)
+        return _to_framework(a, framework, None, device, False)
+
+    kwargs = {n: conv(np.asarray(inputs[n]) if hasattr(inputs[n], "shape") else inputs[n])
+              for n in var.inputs}
+    kwargs.update({n: conv(v) for n, v in params.items() if not n.startswith("return_")})
+    res = _invoke(fn, (), kwargs)
+    names = tuple(var.outputs)
+    if isinstance(res, dict):
+        unknown = sorted(set(res) - set(names))
+        if unknown:
+            raise ParameterError(f"impl: returned output {unknown[0]!r}, which variant {var.name!r} "
+                                 f"does not have; its outputs are {', '.join(names)}")
+        items = dict(res)
+    elif isinstance(res, (tuple, list)):
+        if len(res) > len(names):
+            raise ParameterError(f"impl: returned {len(res)} values; variant {var.name!r} has "
+                                 f"{len(names)} outputs ({', '.join(names)})")
+        items = dict(zip(names, res))
+    else:
+        items = {"out": res}
+    return {n: to_numpy(a, n) for n, a in items.items() if a is not None}

@@ -488,7 +488,10 @@ NOT_CALLABLE = 3
     (["--impl", "x:f", "--backward", "y:g"], ["--backward: applies with --grad"]),
     (["--impl", "x:f", "--framework", "torch", "--grad", "--backward", "y:g"],
      ["--backward", "--framework numpy"]),
-    (["--variant", "t5", "--impl", "cli_broken_kernels:boom"], ["--impl", "'t5'", "table"]),
+    # a variant not on q, k, v takes --impl as fn(**inputs, **params) (cli/compare/named.py); an
+    # attention adapter for it is a usage error naming its inputs
+    (["--variant", "t5", "--impl", "cli_broken_kernels:boom", "--adapter", "sdpa"],
+     ["--adapter sdpa", "'t5'", "table"]),
 ])
 def test_user_mistakes_exit_2_with_one_line(tmp_path, monkeypatch, args, needles):
     (tmp_path / "cli_broken_kernels.py").write_text(BROKEN)

@@ -21,7 +21,9 @@ and ``module:Class.method``; the current directory is searched), ``--outputs fil
 refattn.npzio: q, k, v, out, optional lse, dout/dq/dk/dv, cu_seqlens_q/k and array parameters;
 loaded with allow_pickle=False) or else ``--backend`` (default: the fastest available). The function
 is called through ``--adapter`` (refattn.adapters: ``refattn`` = ``fn(q, k, v, **params)``,
-``sdpa``, ``flex``, ``flash`` (B, S, H, D), ``varlen`` (packed, cu_seqlens)) with numpy arrays or,
+``sdpa``, ``flex``, ``flash`` (B, S, H, D), ``varlen`` (packed, cu_seqlens); for a variant whose
+inputs are not q, k, v -- ``moe_topk``, ``moe_layer``, ``block`` -- ``fn(**inputs, **params)`` with
+the inputs by their documented names, see :mod:`.named`) with numpy arrays or,
 with ``--framework torch``, torch tensors on ``--device`` made with DLPack. ``--dtype`` is the
 precision it computes in: the made inputs (and dout) are rounded to it first, so the function and the
 reference see the same numbers, and the function receives arrays of that dtype (ml_dtypes for bf16
@@ -71,6 +73,7 @@ from ..options import (EXIT_FAIL, EXIT_OK, backend_option, dumps, json_option, o
 from .problem import (Oracle, Problem, build_problem, check_low_options, make_dout, oracle_options,
                       problem_from_outputs, resolve_dtype, round_inputs)
 from .render import SCHEMA, describe_params, render, write_report
+from .routing import routing_report
 from .run import run_baseline, run_reference, run_under_test
 from .verdict import RULE, RULE_LOW, explain, index_axes, metrics, verdict, verdict_low
 
@@ -106,6 +109,7 @@ def compare(problem: Problem, backend: Optional[str], against: str,
         overall = verdict(report, problem.tolerance)
         factor = atol = None
     analysis = explain(problem, actual, expected, report, heat=o.report is not None)
+    routing = routing_report(problem, actual, expected)  # moe variants: tokens routed elsewhere
     result = {"schema": SCHEMA, "refattn": __version__, "variant": problem.variant.name,
               "case": problem.case,
               "golden_file": problem.golden.path if problem.golden is not None else None,
@@ -119,7 +123,7 @@ def compare(problem: Problem, backend: Optional[str], against: str,
               "verdict": overall,
               "analysis": None if analysis is None else {"worst": analysis["worst"],
                                                          "lines": analysis["lines"]},
-              "report": None, "seconds": seconds}
+              "report": None, "seconds": seconds, "routing": routing}
     if o.report is not None:
         result["report"] = write_report(o.report, result, low_results, analysis)
     return result

@@ -28,7 +28,9 @@ schema version)::
                                    "block_keys": [j0, j1], "block_explained": 0.5},
                          "lines": ["12 of 2048 rows (b, h, i) exceed ...", ...]},
      "report": null | ["out.md", "out_heatmap.png"],
-     "seconds": {"under_test": 0.1, "reference": 0.2, "baseline": 0.3}}   # baseline: low dtype
+     "seconds": {"under_test": 0.1, "reference": 0.2, "baseline": 0.3},   # baseline: low dtype
+     "routing": null | {...}}              # moe variants: refattn.cli.compare.routing (which tokens
+                                           # went to other experts)
 
     METRICS = refattn.numerics.metrics of the array (its docstring defines every key and what
               NaN/Inf, zeros of the reference and empty arrays give):
@@ -172,6 +174,8 @@ def render(result: dict) -> str:
         lines += analysis.get("lines", [])
     if result.get("report"):
         lines.append("report: " + ", ".join(result["report"]))
+    from .routing import routing_lines
+    lines += routing_lines(result.get("routing"))
     lines.append(_verdict_line(result))
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from refattn import backends, pipeline
 from refattn.errors import ParameterError
-from .problem import GRADS, Oracle, Problem, require_qkv
+from .problem import GRADS, Oracle, Problem
 
 #: show a progress bar when a computation has at least this many scores (B * Hq * Sq * Sk)
 PROGRESS_SCORES = 1 << 24
@@ -73,7 +73,9 @@ def run_impl(problem: Problem, o: Oracle, dout) -> tuple:
     """``(description, outputs)`` of the user's function (refattn.impl) on the problem."""
     from refattn import impl
 
-    require_qkv(problem.variant, "--impl")
+    if not problem.on_qkv:  # any other variant: fn(**inputs, **params) (refattn.impl.call_named)
+        from .named import run_impl_named
+        return run_impl_named(problem, o, dout)
     fn = impl.load(o.impl)
     case = problem.case_dict
     dtype = o.dtype if o.low else None

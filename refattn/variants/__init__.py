@@ -49,7 +49,7 @@ from ..errors import ParameterError, UnknownVariant
 
 #: modules that register variants when the registry is first used
 FAMILY_MODULES = ("refattn.variants.core", "refattn.variants.position", "refattn.variants.kvcache",
-                  "refattn.variants.sparse")
+                  "refattn.variants.sparse", "refattn.variants.block", "refattn.variants.moe")
 
 _REGISTRY: dict = {}
 _loaded = False
