@@ -60,12 +60,8 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 # -- checks ------------------------------------------------------------------------------------------
 def finite(a, name: str) -> np.ndarray:
-    """``a`` as a new float64 array with finite values (NaN/Inf is an error naming ``name``)."""
-    arr = V.as_compute(a, name)
-    bad = int(np.sum(~np.isfinite(arr)))
-    if bad:
-        raise ParameterError(f"{name}: expected finite values, got {bad} NaN/Inf entries")
-    return arr
+    """``a`` as a float64 array with finite values (the one rule, :func:`refattn.validate.check_finite`)."""
+    return V.check_finite(V.as_compute(a, name), name)
 
 
 def shaped(a, name: str, shape: tuple, meaning: str) -> np.ndarray:
