@@ -9,7 +9,7 @@ differs: arrays are numpy arrays and a kernel's pointers are host addresses.
 
 It checks the kernels' logic (indexing, masks, the softmax, dropout, ownership of every output
 element, barriers); it cannot check what only hardware shows (speed, CUDA's own math library to
-the last bit, memory-model subtleties). Skips when ``g++`` with C++20 is missing.
+the last bit, memory-model subtleties). Skips when ``g++`` is missing.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def build(source: str) -> Path:
         src = CACHE / f"{Path(source).stem}-{digest}.cpp"
         src.write_text(text)
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        res = subprocess.run([compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
+        res = subprocess.run([compiler(), "-std=c++17", "-O1", "-shared", "-fPIC",
                               "-Wno-unknown-pragmas", "-o", str(tmp), str(src)],
                              capture_output=True, text=True)
         if res.returncode:

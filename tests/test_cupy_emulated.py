@@ -16,7 +16,7 @@ import cuda_emulator
 import cupy_cases as C
 
 if cuda_emulator.compiler() is None:  # pragma: no cover - g++ is on every machine we use
-    pytest.skip("the CUDA emulator needs g++ (C++20)", allow_module_level=True)
+    pytest.skip("the CUDA emulator needs g++", allow_module_level=True)
 
 from refattn.backends.cupy_ import CupyBackend  # noqa: E402
 
