@@ -256,8 +256,15 @@ def check_merge_states(be):
 
 #: small blocks so BigBird is sparse (not its full-attention fallback) at a short length
 VARIANT_PARAMS = {"bigbird": {"block_size": 16, "num_random_blocks": 1}}
-VARIANTS = ["sdpa", "gqa", "alibi", "rope", "sliding_window", "bigbird", "longformer", "decode",
-            "paged", "cascade"]
+#: small shapes (B, Hq, Sq, Sk, D, Hkv) per variant; the default is (2, 4, 40, 40, 16, 2)
+VARIANT_SHAPES = {"mha": (2, 4, 40, 40, 16, 4), "mqa": (2, 4, 40, 40, 16, 1),
+                  "bigbird": (1, 2, 160, 160, 16, 2), "longformer": (1, 2, 128, 128, 16, 2),
+                  "nsa": None}  # None: the variant's own default shape
+
+
+def variant_names():
+    """Every registered variant that lists the cupy backend (all but the numpy-only ``flash``)."""
+    return [v.name for v in variants.list() if "cupy" in v.backends]
 
 
 def check_variant(be, name):
@@ -267,8 +274,7 @@ def check_variant(be, name):
     fields = var.params.__dataclass_fields__
     p = var.parse_params({**({"return_lse": True} if "return_lse" in fields else {}),
                           **VARIANT_PARAMS.get(name, {})})
-    shape = {"bigbird": (1, 2, 160, 160, 16, 2), "longformer": (1, 2, 128, 128, 16, 2)}.get(
-        name, (2, 4, 40, 40, 16, 2))
+    shape = VARIANT_SHAPES.get(name, (2, 4, 40, 40, 16, 2)) or var.default_shape
     arrays = var.example(shape, rng, p)
     want = var.forward(NUMPY, arrays, p)
     got = var.forward(be, arrays, p)
@@ -340,7 +346,7 @@ def all_checks(random_cases=20):
     checks += [(f"float32[{i}]", lambda be, p=p: check_float32(be, p)) for i, p in enumerate(FLOAT32_PARAMS)]
     checks += [(f"sparse[{n}]", lambda be, n=n: check_sparse(be, n)) for n in sparse_patterns()]
     checks += [(f"paged[{i}]", lambda be, p=p: check_paged(be, p)) for i, p in enumerate(PAGED_PARAMS)]
-    checks += [(f"variant[{n}]", lambda be, n=n: check_variant(be, n)) for n in VARIANTS]
+    checks += [(f"variant[{n}]", lambda be, n=n: check_variant(be, n)) for n in variant_names()]
     checks += [(f"random[{s}]", lambda be, s=s: check_random(be, s)) for s in range(random_cases)]
     return checks
 
