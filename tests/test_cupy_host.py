@@ -355,3 +355,56 @@ def test_compare_cli_reports_unavailable_cupy_in_one_line():
         assert "pip install" in lines[0]  # CuPy is what is missing
     else:
         assert "CUDA device" in lines[0] and "pip install 'refattn" not in lines[0]
+
+
+# -- refattn bench --backend cupy ---------------------------------------------------------------------
+def test_bench_cupy_without_gpu_is_one_line_exit_2():
+    from click.testing import CliRunner
+
+    from refattn.cli.main import cli
+
+    if "cupy" in backends.available():
+        pytest.skip("a usable CUDA device is present here")
+    res = CliRunner().invoke(cli, ["bench", "--backend", "cupy", "--shape", "1,2,64,16"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: backend: 'cupy' is not available here")
+
+
+def test_bench_gpu_render():
+    from refattn.cli import bench_gpu
+
+    rows = [{"dtype": "float64", "mask": "causal", "pass": "forward", "impl": "cupy",
+             "peer_backend": None, "seconds": 0.5, "tflops": 8.8, "vs_torch": 2.5, "error": None},
+            {"dtype": "float64", "mask": "causal", "pass": "forward", "impl": "torch",
+             "peer_backend": "MATH", "seconds": 1.25, "tflops": 3.5, "vs_torch": None, "error": None},
+            {"dtype": "float64", "mask": "causal", "pass": "backward", "impl": "torch",
+             "peer_backend": "MATH", "seconds": None, "tflops": None, "vs_torch": None,
+             "error": "out of memory"}]
+    text = bench_gpu.render({"shape": {"B": 1, "H": 16, "N": 16384, "D": 128}, "window": None,
+                             "repeats": 2, "gpu": {"name": "NVIDIA H200", "compute_capability": "9.0",
+                                                   "memory_gib": 139.8},
+                             "torch": "2.9.0", "compile_seconds": 12.0, "rows": rows,
+                             "memory": {"cupy_pool_bytes": 2 ** 30, "torch_peak_bytes": None}})
+    assert "gpu: NVIDIA H200" in text and "TFLOP/s" in text
+    assert "8.80" in text and "2.50x" in text and "torch (MATH)" in text and "out of memory" in text
+
+
+# -- the kernels ship in the wheel ---------------------------------------------------------------------
+from test_install import installed  # noqa: E402,F401  (the built-and-installed wheel fixture)
+
+
+def test_wheel_ships_the_kernel_sources(installed, tmp_path):  # noqa: F811
+    import os
+
+    kernels = installed / "refattn" / "backends" / "cupy_" / "kernels"
+    for name in _loader.HEADERS + _loader.SOURCES:
+        assert (kernels / name).is_file(), name
+    code = ("import sys; from refattn.backends.cupy_ import _loader; "
+            "sys.stdout.write(_loader.__file__ + '\\n' + _loader.translation_unit('attend_forward.cu'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=str(installed)))
+    assert proc.returncode == 0, proc.stderr
+    first, text = proc.stdout.split("\n", 1)
+    assert first.startswith(str(installed))
+    assert text == _loader.translation_unit("attend_forward.cu")

@@ -136,8 +136,13 @@ class CupyBackend(Backend):
         return (lambda x: x) if on_device else self._dev.get
 
     def _launch(self, source, stem, dtype, grid, rec, keep):
-        if min(grid) > 0:
-            keep.append(self._dev.launch(source, stem, dtype, grid, rec))
+        if min(grid) <= 0:
+            return
+        if grid[0] >= 2 ** 31 or grid[1] > 65535 or grid[2] > 65535:
+            raise ParameterError(f"shape: {stem} needs a grid of {grid} blocks, beyond CUDA's limits "
+                                 f"(x < 2**31, y and z <= 65535: heads <= 65535, batch * column "
+                                 f"blocks <= 65535)")
+        keep.append(self._dev.launch(source, stem, dtype, grid, rec))
 
     # -- primitives ----------------------------------------------------------------------------
     def attend(self, q, k, v, *, pattern, scale, head_map, score_mod=None, sinks=None, dropout=None):

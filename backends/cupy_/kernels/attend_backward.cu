@@ -50,6 +50,7 @@ __device__ __forceinline__ void gradient_tile(const AttendParams& p, BackwardSha
         for (int c = 0; c < CPT; ++c) s[a][c] = dp[a][c] = T(0);
     rows_times_rows<T, BQ, BK, DK>(s, q_row, k_row, p.D, sm.xs, sm.ys);
     rows_times_rows<T, BQ, BK, DK>(dp, do_row, v_row, p.Dv, sm.xs, sm.ys);
+    __syncthreads();  // the previous tile's products are done with pu, ds, dsb (even when D == Dv == 0)
 
 #pragma unroll
     for (int a = 0; a < RPT; ++a) {

@@ -60,6 +60,7 @@ __device__ __forceinline__ void attend_forward(const AttendParams& p) {
         rows_times_rows<T, BQ, BK, DK>(s, q_row, k_row, p.D, qs, ks);
 
         // 2. online softmax, row by row; P (dropout applied) goes to shared memory for P V
+        __syncthreads();  // the previous tile's P V is done with ps (even when D == 0)
         double alpha[RPT];
 #pragma unroll
         for (int a = 0; a < RPT; ++a) {
