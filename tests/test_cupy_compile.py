@@ -4,7 +4,7 @@ The text compiled is the loader's translation unit (:func:`refattn.backends.cupy
 translation_unit`): the generated #defines, the headers and the .cu file after #line directives, and
 the extern "C" instantiations for double and float -- no #include. Two compilers:
 
-* ``nvcc -std=c++17 --ptx -arch=sm_80`` and ``sm_90`` (skipped, with the reason, where nvcc is absent);
+* ``nvcc -std=c++17 -ftz=true --ptx -arch=sm_80`` and ``sm_90`` (CuPy adds ``-ftz=true``) (skipped, with the reason, where nvcc is absent);
 * NVRTC itself (the run-time compiler CuPy uses) for ``compute_80`` and ``compute_90``, when its
   library loads here (``pip install nvidia-cuda-nvrtc``; skipped otherwise) -- NVRTC has no host
   headers at all, so this one also proves the sources need none.
@@ -30,7 +30,7 @@ def test_nvcc_compiles(source, arch, tmp_path):
         pytest.skip("nvcc is not installed here (the CUDA toolkit's compiler)")
     src = tmp_path / source
     src.write_text(_loader.translation_unit(source))
-    res = subprocess.run([nvcc, "-std=c++17", "--ptx", f"-arch=sm_{arch}", "-o",
+    res = subprocess.run([nvcc, "-std=c++17", "-ftz=true", "--ptx", f"-arch=sm_{arch}", "-o",
                           str(tmp_path / "out.ptx"), str(src)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
     ptx = (tmp_path / "out.ptx").read_text()
@@ -55,7 +55,8 @@ def test_nvrtc_compiles(source, arch):
     prog = nvrtc.createProgram(_loader.translation_unit(source), source, [], [])
     try:
         try:
-            nvrtc.compileProgram(prog, list(_loader.OPTIONS) + [f"-arch=compute_{arch}"])
+            nvrtc.compileProgram(prog, list(_loader.OPTIONS + _loader.CUPY_ADDS)
+                                 + [f"-arch=compute_{arch}"])
         except Exception:  # noqa: BLE001 - show the compiler's log
             pytest.fail(nvrtc.getProgramLog(prog)[-4000:])
         ptx = nvrtc.getPTX(prog)

@@ -27,8 +27,12 @@ from . import _abi
 HEADERS = ("philox.cuh", "common.cuh", "tiles.cuh")
 #: the kernel sources (one translation unit and one compiled module each)
 SOURCES = ("attend_forward.cu", "attend_backward.cu", "merge_states.cu")
-#: NVRTC options (CuPy adds -arch for the device)
+#: NVRTC options we pass; CuPy's RawModule adds ``-ftz=true`` (single-precision denormals flush to
+#: zero: only the float32 storage products are affected, every statistic is double) and the
+#: device's ``-arch``
 OPTIONS = ("-std=c++17",)
+#: what CuPy adds to OPTIONS (the compile tests use both, to compile what CuPy compiles)
+CUPY_ADDS = ("-ftz=true",)
 
 _modules: dict = {}
 _lock = threading.Lock()
