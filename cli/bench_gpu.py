@@ -159,6 +159,8 @@ def run(shape, *, dtypes, causal="both", window=None, repeats=3, backward=True, 
                         best = times[pass_].get(impl, float("inf"))
                         times[pass_][impl] = min(best, sec)
             del out, lse
+            if torch is not None:  # torch's cache would otherwise hold the MATH path's N x N scores
+                torch.cuda.empty_cache()
             for pass_ in ("forward", "backward") if backward else ("forward",):
                 t_torch = times[pass_].get("torch")
                 for impl in calls:
