@@ -267,6 +267,16 @@ def variant_names():
     return [v.name for v in variants.list() if "cupy" in v.backends]
 
 
+def _named_grads(g) -> dict:
+    """A variant backward's result as ``{name: array}``: ``(dq, dk, dv, extras)`` or a dict keyed
+    by input name (both forms exist)."""
+    if isinstance(g, dict):
+        return {n: np.asarray(a) for n, a in g.items()}
+    *grads, extras = g
+    return {**{n: np.asarray(a) for n, a in zip(("q", "k", "v"), grads)},
+            **{f"extra.{n}": np.asarray(a) for n, a in extras.items()}}
+
+
 def check_variant(be, name):
     """A registered variant's forward and backward on ``be`` against numpy, with its example."""
     var = variants.get(name)
@@ -282,9 +292,9 @@ def check_variant(be, name):
     errs = {f"out{n}": normwise(g, w) for n, (g, w) in enumerate(zip(got, want))}
     if var.backward is not None:
         dout = rng.standard_normal(np.shape(want[0]))
-        gw, gg = var.backward(NUMPY, arrays, dout, p), var.backward(be, arrays, dout, p)
-        errs.update({f"grad{n}": normwise(g, w) for n, (g, w) in enumerate(zip(gg[:3], gw[:3]))})
-        errs.update({f"d{n}": normwise(gg[3][n], gw[3][n]) for n in gw[3]})
+        gw, gg = (_named_grads(var.backward(b, arrays, dout, p)) for b in (NUMPY, be))
+        assert set(gg) == set(gw), f"{name}: gradients {sorted(gg)} vs {sorted(gw)}"
+        errs.update({f"d{n}": normwise(gg[n], gw[n]) for n in gw})
     for n, err in errs.items():
         assert err <= var.tolerance, f"{name} {n}: normwise error {err:.3e} > {var.tolerance:.0e}"
     return errs
