@@ -41,6 +41,9 @@ def get(name: str):
     module, cls, needs, how = _KNOWN[name]
     try:
         backend = getattr(importlib.import_module(module), cls)()
+    except BackendUnavailable as exc:  # the backend itself says what is missing (e.g. no GPU)
+        _failures[name] = exc
+        raise BackendUnavailable(f"{exc}. Installed: {', '.join(available()) or 'none'}") from exc
     except (ImportError, RuntimeError, AttributeError) as exc:
         _failures[name] = exc
         raise BackendUnavailable(

@@ -303,14 +303,28 @@ def parse_bench_shape(text):
               help="Time PyTorch's CPU SDPA when installed.")
 @click.option("--threads", type=int, default=None, metavar="N",
               help="Threads for numba and torch alike. Default: numba's default (every core).")
+@click.option("--backend", "backend", type=click.Choice(["numba", "cupy"]), default="numba",
+              show_default=True,
+              help="numba: CPU kernels vs torch CPU SDPA. cupy: CUDA kernels vs torch CUDA SDPA "
+                   "(MATH backend for float64, memory-efficient for float32), TFLOP/s and the GPU "
+                   "name; fails in one line without a usable GPU.")
 @json_option
 @one_line_errors
-def command(shape, causal, window, dtype, repeats, backward, numpy_, torch_peer, threads, as_json):
-    """Time numba, numpy and PyTorch CPU attention in the same run; table with GFLOP/s and ratios."""
+def command(shape, causal, window, dtype, repeats, backward, numpy_, torch_peer, threads, backend,
+            as_json):
+    """Time numba, numpy and PyTorch CPU attention in the same run; table with GFLOP/s and ratios.
+    With --backend cupy: the CUDA kernels and PyTorch's CUDA SDPA, TFLOP/s."""
     shp = parse_bench_shape(shape)
     win = parse_window(window)
     dtypes = ("float64", "float32") if dtype == "both" else (dtype,)
     progress = (lambda msg: None) if as_json else (lambda msg: click.echo(f"... {msg}", err=True))
+    if backend == "cupy":  # a separate path: cli/bench_gpu.py
+        from . import bench_gpu
+
+        result = bench_gpu.run(shp, dtypes=dtypes, causal=causal, window=win, repeats=repeats,
+                               backward=backward, torch_peer=torch_peer, progress=progress)
+        click.echo(dumps(result) if as_json else bench_gpu.render(result))
+        raise click.exceptions.Exit(EXIT_OK)
     result = run(shp, dtypes=dtypes, causal=causal, window=win, repeats=repeats, backward=backward,
                  numpy=numpy_, torch_peer=torch_peer, threads=threads, progress=progress)
     click.echo(dumps(result) if as_json else render(result))

@@ -299,7 +299,7 @@ def example(shape, rng, params=None):
 
 
 _CITE_SDPA = "Vaswani et al., Attention Is All You Need, NeurIPS 2017"
-_COMMON = dict(family="core", backends=("numpy", "numba"), tolerance=1e-12, example=example)
+_COMMON = dict(family="core", backends=("numpy", "numba", "cupy"), tolerance=1e-12, example=example)
 
 register(Variant(
     name="sdpa", doc="Scaled dot-product attention with every knob (causal, window, mask, bias, "

@@ -38,7 +38,7 @@ from ..core import CoreParams, backward_prepared, example as core_example, prepa
 from ..position import (attend_finish, rope_positions, to_caller,
                        user_bias_grad)
 
-_BACKENDS = ("numpy", "numba")
+_BACKENDS = ("numpy", "numba", "cupy")
 
 
 def _attend(backend, q, k, v, *, pattern, scale, head_map):

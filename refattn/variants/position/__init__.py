@@ -34,7 +34,7 @@ from .. import Variant, param_field, register
 from ..core import (CoreParams, _backward, _forward, backward_prepared, example as core_example,
                    finish, prepare, to_layout)
 
-_BACKENDS = ("numpy", "numba")
+_BACKENDS = ("numpy", "numba", "cupy")
 
 
 def alignment_of(p: CoreParams) -> str:

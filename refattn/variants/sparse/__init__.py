@@ -119,7 +119,7 @@ def _heads_mode(mode, hq, part_a, part_b):
                  alignment=part_a.alignment)
 
 
-COMMON = dict(family="sparse", backends=("numpy", "numba"), tolerance=1e-12)
+COMMON = dict(family="sparse", backends=("numpy", "numba", "cupy"), tolerance=1e-12)
 
 #: variant name -> ``pattern(backend, arrays, params) -> Pattern`` (for pictures: ``refattn mask``)
 PATTERNS: dict = {}
