@@ -46,9 +46,10 @@ def get(name: str):
         raise BackendUnavailable(f"{exc}. Installed: {', '.join(available()) or 'none'}") from exc
     except (ImportError, RuntimeError, AttributeError) as exc:
         _failures[name] = exc
+        advice = "" if "pip install" in str(exc) else f"; it needs {needs}: {how}"
         raise BackendUnavailable(
-            f"backend: {name!r} is not available here ({type(exc).__name__}: {exc}); it needs "
-            f"{needs}: {how}. Installed: {', '.join(available()) or 'none'}") from exc
+            f"backend: {name!r} is not available here ({type(exc).__name__}: {exc}){advice}. "
+            f"Installed: {', '.join(available()) or 'none'}") from exc
     _instances[name] = backend
     return backend
 

@@ -67,7 +67,12 @@ def regen(case_glob, where):
     """Recompute cases with numpy in float64; write .npz files and the manifest; print what moved."""
     cases = _cases(case_glob)
     target = Path(where) if where else Path(str(golden.directory()))
-    for name, status, changes in golden.regen(cases, target):
+    try:
+        report = golden.regen(cases, target)
+    except OSError as exc:
+        raise ParameterError(f"--dir: cannot write golden files to {str(target)!r} "
+                             f"({exc.strerror or exc})") from None
+    for name, status, changes in report:
         if status != "changed":
             click.echo(f"{name}: {status}")
             continue

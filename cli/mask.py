@@ -13,8 +13,9 @@ from __future__ import annotations
 import click
 import numpy as np
 
-from refattn import variants
+from refattn import memory, variants
 from refattn.errors import ParameterError
+from refattn.validate import check_int
 from refattn.patterns import EMPTY, FULL
 from .options import EXIT_USAGE, one_line_errors, param_option, parse_params
 
@@ -35,6 +36,9 @@ def _inputs(var, seq, heads, seed, params):
         sq = sk = seq
     if heads is not None:
         hq = hkv = heads
+    memory.check(memory.attention_bytes((1, hq, sq, sk, d, hkv), copies=2), "--seq",
+                 f"the example inputs and pattern of {hq} heads x {sq} tokens")
+    seed = check_int(seed, "--seed", 0, 2 ** 63 - 1)
     return example((1, hq, sq, sk, d, hkv), np.random.default_rng(seed), params), (sq, sk, hq)
 
 
@@ -71,8 +75,12 @@ def write_png(pattern, sq, sk, b, h, path, title):
     ax.set_ylabel("query i")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=150)
+    except OSError as exc:
+        raise ParameterError(f"--png: cannot write {path!r} ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)
 
 
 @click.command("mask")

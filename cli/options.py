@@ -16,7 +16,7 @@ import click
 
 from refattn.errors import ParameterError, RefattnError, ShapeError
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 json_option = click.option("--json", "as_json", is_flag=True, default=False,
                            help="Print stable, documented JSON instead of a table. Default: a table.")
@@ -32,8 +32,8 @@ def _warning_line(message, category, filename, lineno, file=None, line=None):
 
 
 def one_line_errors(f):
-    """Report :class:`RefattnError` as ``Error: <message>`` on stderr and exit 2; warnings are
-    printed as one ``Warning: <message>`` line each."""
+    """Report :class:`RefattnError` as ``Error: <message>`` on stderr and exit 2, Ctrl-C as
+    ``Interrupted`` and exit 130; warnings are printed as one ``Warning: <message>`` line each."""
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         with warnings.catch_warnings():
@@ -44,6 +44,9 @@ def one_line_errors(f):
                 text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
                 click.echo(f"Error: {text}", err=True)
                 raise click.exceptions.Exit(EXIT_USAGE) from None
+            except KeyboardInterrupt:  # Ctrl-C: the shell's convention, never the FAIL code
+                click.echo("Interrupted", err=True)
+                raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
     return wrapper
 
 

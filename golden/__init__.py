@@ -159,6 +159,9 @@ def load(name: str, manifest: Optional[dict] = None, where=None) -> Stored:
     entry = manifest.get(name)
     if entry is None:
         raise GoldenMissing(f"{name}: no entry in {MANIFEST}; run 'refattn golden regen --case {name}'")
+    if not isinstance(entry, dict):
+        raise GoldenCorrupt(f"{name}: expected a record (file, sha256, ...) in {MANIFEST}, got a "
+                            f"{type(entry).__name__}")
     fname = entry.get("file")
     if fname != f"{name}.npz":
         raise GoldenTampered(f"{name}: manifest names file {fname!r}, expected {name + '.npz'!r}")

@@ -107,4 +107,18 @@ CASES = (
     _c("nsa", "nsa", "l=4, d=2, l'=4, n=3, window 4, given gates", shape=(1, 4, 24, 24, 8, 2),
        seed=24, grads=False, cmp_block=4, cmp_stride=2, sel_block=4, n_select=3, recent=4,
        arrays={"gates": "random"}),
+    # longer than one tile of the compiled backends (64 x 64): several tiles, partial last ones,
+    # Sq != Sk where the variant allows it
+    _c("sliding_window_long", "sliding_window", "window (40, 0) over 150 x 200: spans tiles",
+       shape=(1, 2, 150, 200, 8, 1), seed=25, window=(40, 0)),
+    _c("dilated_long", "dilated", "dilation 3, steps (10, 10), 170 tokens", shape=(1, 2, 170, 170, 8, 2),
+       seed=26, steps=(10, 10), dilation=3),
+    _c("streaming_long", "streaming", "4 sinks + 40 recent over 130 x 180", shape=(1, 2, 130, 180, 8, 1),
+       seed=27, n_sink=4, recent=40),
+    _c("longformer_long", "longformer", "HF window 32 (w = 16), global tokens 0 and 100, 192 tokens",
+       shape=(1, 2, 192, 192, 8, 2), seed=28, attention_window=32, global_tokens=(0, 100)),
+    _c("bigbird_long", "bigbird", "b=16, r=2, L=256: block-sparse over four 64-tiles",
+       shape=(1, 2, 256, 256, 8, 2), seed=29, block_size=16, num_random_blocks=2),
+    _c("block_sparse_long", "block_sparse", "top-3 of 32-blocks, causal, 160 x 200",
+       shape=(1, 2, 160, 200, 8, 2), seed=30, block_size=32, topk=3, causal=True),
 )

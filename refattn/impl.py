@@ -216,12 +216,16 @@ def _split(case):
 
 
 def _invoke(fn, args, kwargs):
+    """Call the function under test; whatever it raises -- a refattn error from a call it makes,
+    any exception, even ``sys.exit`` -- becomes an :class:`ImplCallError` naming it (Ctrl-C,
+    ``KeyboardInterrupt``, is left to stop the run)."""
+    name = getattr(fn, "__qualname__", repr(fn))
     try:
         return fn(*args, **kwargs)
-    except RefattnError:
-        raise
+    except SystemExit as exc:
+        raise ImplCallError(f"impl: {name} called sys.exit({exc.code!r}); a function under test "
+                            f"must return its output") from None
     except Exception as exc:
-        name = getattr(fn, "__qualname__", repr(fn))
         raise ImplCallError(f"impl: {name} raised {type(exc).__name__}: {exc}") from exc
 
 

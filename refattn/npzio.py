@@ -21,7 +21,20 @@ key               shape (layout ``bhsd``; ``bshd`` swaps H, S)    meaning
 ``sinks``         ``(Hq,)``
 ``head_map``      ``(Hq,)`` integers
 ``dropout_mask``  bool, broadcastable to ``(B, Hq, Sq, Sk)``
+``dtypes``        strings ``"name:dtype"``                        the dtype each array had before
+                                                                  it was saved (written by
+                                                                  :func:`save`; optional)
 ================  =============================================  ===============================
+
+The dtype record
+----------------
+numpy cannot store bfloat16 or fp8, so a bf16 kernel's output is saved as float32, which alone
+cannot say whether the kernel computed in bf16 or in float32 -- and the verdict depends on it.
+:func:`save` therefore writes ``dtypes`` (e.g. ``["out:bfloat16", "q:bfloat16"]``), and
+:func:`saved_dtypes` reads it back. ``refattn compare --outputs`` uses the recorded dtype of
+``out``; for a file without the record it takes the stored dtype, and where the stored values all
+fit a narrower dtype than they are stored in (a bf16 output saved as float32, an all-zero output)
+it asks for ``--dtype`` instead of guessing.
 
 With ``cu_seqlens_q``/``cu_seqlens_k`` (flash-attn's varlen layout) q is ``(total_q, Hq, D)``,
 k/v ``(total_k, Hkv, D|Dv)``, out ``(total_q, Hq, Dv)`` and lse ``(Hq, total_q)``.
@@ -46,7 +59,7 @@ REQUIRED = ("q", "k", "v", "out")
 GRADS = ("dq", "dk", "dv")
 OFFSETS = ("cu_seqlens_q", "cu_seqlens_k")
 ARRAY_PARAMS = ("mask", "bias", "alibi_slopes", "sinks", "head_map", "dropout_mask")
-KNOWN = REQUIRED + ("lse", "dout") + GRADS + OFFSETS + ARRAY_PARAMS
+KNOWN = REQUIRED + ("lse", "dout") + GRADS + OFFSETS + ARRAY_PARAMS + ("dtypes",)
 _INT_KEYS = OFFSETS + ("head_map",)
 _BOOL_KEYS = ("mask", "dropout_mask")
 #: inputs must be finite; outputs may hold NaN/Inf (the metrics count them); bias may hold -inf
@@ -79,6 +92,7 @@ def _read(path) -> dict:
         unknown = sorted(set(archive.files) - set(KNOWN))
         if unknown:
             _fail(path, f"unknown key {unknown[0]!r}; expected keys among {', '.join(KNOWN)}")
+        _check_headers(path, archive)
         for key in archive.files:
             try:
                 arrays[key] = archive[key]
@@ -90,9 +104,37 @@ def _read(path) -> dict:
     return arrays
 
 
+def _check_headers(path, archive):
+    """Read every member's ``.npy`` header before any data: a truncated or garbage header, an
+    object dtype, or arrays that together would not fit in memory are errors naming the key."""
+    from . import memory
+    total = 0
+    for key in archive.files:
+        try:
+            with archive.zip.open(key + ".npy") as fh:
+                version = np.lib.format.read_magic(fh)
+                reader = {(1, 0): np.lib.format.read_array_header_1_0,
+                          (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if reader is None:
+                    raise ValueError(f"unknown .npy format version {version}")
+                shape, _, dtype = reader(fh)
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+            _fail(path, f"key {key!r} has a truncated or unreadable .npy header ({exc}); write the "
+                        f"file with numpy.savez or refattn.npzio.save")
+        if dtype.hasobject:
+            _fail(path, f"key {key!r} holds Python objects (a pickled array); save numeric arrays")
+        total += int(np.prod(shape, dtype=object)) * dtype.itemsize
+    try:
+        memory.check(total, os.path.basename(str(path)), "its arrays")
+    except Exception as exc:  # a ParameterError: report it as a problem of the file
+        _fail(path, str(exc).split(": ", 1)[-1])
+
+
 def _check_dtypes(path, arrays):
     for key, a in arrays.items():
         kind = a.dtype.kind
+        if key == "dtypes":
+            continue  # checked by saved_dtypes
         if key in _INT_KEYS:
             ok = kind in "iu"
             want = "integers"
@@ -182,8 +224,32 @@ def load_outputs(path, variant: str = "sdpa", *, layout: str = "bhsd"):
                     f"(found {', '.join(sorted(arrays)) or 'none'})")
     _check_dtypes(path, arrays)
     _check_shapes(path, arrays, layout)
+    arrays.pop("dtypes", None)
     outputs = {k: arrays.pop(k) for k in ("out", "lse", "dout") + GRADS if k in arrays}
     return arrays, outputs
+
+
+def saved_dtypes(path) -> dict:
+    """``{array name: canonical dtype name}`` recorded by :func:`save` (module docstring); ``{}``
+    for a file without the record. A malformed record is an error naming the file."""
+    from .numerics import canonical
+    path = os.fspath(path)
+    arrays = _read(path)
+    if "dtypes" not in arrays:
+        return {}
+    rec = arrays["dtypes"]
+    if rec.dtype.kind != "U" or rec.ndim != 1:
+        _fail(path, f"key 'dtypes': expected strings 'name:dtype', got {rec.dtype} {fmt_shape(rec.shape)}")
+    out = {}
+    for item in rec.tolist():
+        name, sep, dt = item.partition(":")
+        if not sep or name not in KNOWN:
+            _fail(path, f"key 'dtypes': expected entries 'name:dtype' naming saved arrays, got {item!r}")
+        try:
+            out[name] = "float64" if dt in ("float64", "double") else canonical(dt)
+        except Exception:
+            _fail(path, f"key 'dtypes': unknown dtype {dt!r} for {name!r}")
+    return out
 
 
 def save(path, **arrays):
@@ -194,8 +260,13 @@ def save(path, **arrays):
         raise InputFileError(f"{unknown[0]}: not a documented key; expected keys among "
                              f"{', '.join(KNOWN)}")
     from .impl import to_numpy
-    plain = {}
+    if "dtypes" in arrays:
+        raise InputFileError("dtypes: written by save itself (the dtype of each array); not a key to pass")
+    plain, source = {}, []
     for k, a in arrays.items():
+        if hasattr(a, "dtype") and getattr(a.dtype, "is_floating_point", False) or (
+                isinstance(a, np.ndarray) and (a.dtype.kind == "f" or a.dtype.kind == "V")):
+            source.append(f"{k}:{str(a.dtype).replace('torch.', '')}")
         if hasattr(a, "detach") and hasattr(a, "cpu"):
             if a.dtype.is_floating_point:  # float16/32/64 kept; bf16/fp8 -> float32 (exact)
                 keep = np.float64 if a.element_size() == 8 else np.float32
@@ -207,4 +278,4 @@ def save(path, **arrays):
         if a.dtype.kind == "V":  # ml_dtypes bf16/fp8: exact in float32
             a = a.astype(np.float32)
         plain[k] = a
-    np.savez(path, **plain)
+    np.savez(path, **plain, dtypes=np.array(source, dtype=str))

@@ -46,7 +46,10 @@ what NaN/Inf, zeros in the reference and empty arrays give): ``max_abs``, ``max_
 
 :func:`compare` applies the **verdict rule**::
 
-    PASS  iff  max|impl - ref64| <= factor * max|baseline - ref64| + atol(dtype)
+    PASS  iff  max|impl - ref64| <= factor * max|baseline - ref64| + atol(dtype) * max|ref64|
+
+and the allowance stays below the reference's largest magnitude -- otherwise (an output of zeros
+would pass) the verdict is INCONCLUSIVE, never PASS.
 
 Origin: flash-attn's test suite (``tests/test_flash_attn.py`` and its hopper/cute successors)
 asserts ``(out - out_ref).abs().max() <= 2 * (out_pt - out_ref).abs().max() + fwd_atol`` with
@@ -58,7 +61,10 @@ softcap the factor is 3. PyTorch's SDPA tests use the same "error relative to a 
 reference" idea with fudge factors. Here the reference is float64 and unrounded, the baseline is
 the emulation above, and the defaults (:data:`DEFAULT_FACTOR`, :data:`DEFAULT_ATOL`) are
 ``factor = 2`` and ``atol = eps(dtype) / 2`` (half a unit in the last place at 1: 2**-8 for bf16,
-2**-11 for fp16, 2**-4 for e4m3, 2**-3 for e5m2, 2**-24 for fp32). A registered variant may
+2**-11 for fp16, 2**-4 for e4m3, 2**-3 for e5m2, 2**-24 for fp32), taken in units of the
+reference's largest magnitude ``max|ref64|`` -- half a unit in the last place at the size of the
+values, as flash-attn's ``fwd_atol`` is a rounding step at the size of its outputs; an absolute
+floor would let an all-zero output pass for values below it. A registered variant may
 override them by declaring an attribute ``verdict = {"factor": f, "atol": {dtype: a}}``; explicit
 ``factor=``/``atol=`` override both.
 
@@ -315,9 +321,15 @@ def baseline(case: dict, *, variant: str = "sdpa", dtype="bf16", mode: str = "sa
 
 # -- metrics and verdict -----------------------------------------------------------------------------
 def _pair(actual, reference, name):
-    from .validate import to_numpy
-    a = np.asarray(to_numpy(actual, name), dtype=np.float64)
-    r = np.asarray(to_numpy(reference, f"{name} (reference)"), dtype=np.float64)
+    """Both arrays as float64 (booleans -- a routing table -- as 0/1); anything else that is not a
+    real array is an error naming ``name``."""
+    from .validate import as_compute, to_numpy
+
+    def real(x, what):
+        a = to_numpy(x, what)
+        return as_compute(a.astype(np.float64) if np.asarray(a).dtype.kind == "b" else a, what)
+    a = real(actual, name)
+    r = real(reference, f"{name} (reference)")
     if a.shape != r.shape:
         raise ShapeError(f"{name}: expected shape {fmt_shape(r.shape)} as the reference, "
                          f"got {fmt_shape(a.shape)}")
@@ -457,9 +469,16 @@ def compare(actual, reference, baseline, *, dtype, factor: Optional[float] = Non
             name: str = "out") -> dict:
     """Metrics of ``actual`` and the verdict of the rule (module docstring) for one array.
 
-    Returns the :func:`metrics` of ``actual`` plus ``baseline_max_abs``, ``factor``, ``atol``,
-    ``allowed`` (``factor * baseline_max_abs + atol``), ``dtype`` and ``verdict`` (``"PASS"`` or
-    ``"FAIL"``; any NaN/Inf where the reference is finite fails).
+    Returns the :func:`metrics` of ``actual`` plus ``baseline_max_abs``, ``factor``, ``atol`` (in
+    units of the reference's largest magnitude), ``reference_max`` (that magnitude, max |ref| over
+    finite entries), ``allowed`` (``factor * baseline_max_abs + atol * reference_max``), ``dtype``
+    and ``verdict``:
+
+    * ``"FAIL"``: ``max_abs > allowed``, or NaN/Inf where the reference is finite;
+    * ``"INCONCLUSIVE"`` (with ``reason``): within the allowance, but the allowance reaches the
+      reference's own magnitude (``allowed >= reference_max > 0``), so even an output of zeros
+      would pass -- the dtype is too coarse for these values to tell right from wrong;
+    * ``"PASS"`` otherwise.
     """
     name_dt = canonical(dtype)
     f0, a0 = defaults(name_dt, variant)
@@ -473,12 +492,29 @@ def compare(actual, reference, baseline, *, dtype, factor: Optional[float] = Non
             f"{int(np.sum(~np.isfinite(base_err)))} NaN/Inf entries where the float64 reference "
             f"is finite (the inputs or scores overflow {SHORT[name_dt]}); use in-range inputs or "
             f"baseline='inputs_only'")
-    allowed = factor * base_max + atol
+    ref = np.asarray(reference, dtype=np.float64)
+    ref_max = float(np.max(np.abs(ref[np.isfinite(ref)]), initial=0.0))
+    allowed = factor * base_max + atol * ref_max
     res = metrics(actual, reference, dtype=name_dt, threshold=allowed, name=name)
+    verdict, reason = "PASS", None
+    if res["max_abs"] > allowed or res["nonfinite_mismatch"]:
+        verdict = "FAIL"
+    elif allowed >= ref_max > 0:
+        verdict = "INCONCLUSIVE"
+        reason = (f"{name}: the allowed error {allowed:.3g} reaches the reference's largest "
+                  f"magnitude {ref_max:.3g}, so an output of zeros would pass; {SHORT[name_dt]} is too "
+                  f"coarse to judge these values")
     res.update(name=name, dtype=SHORT[name_dt], baseline_max_abs=base_max, factor=factor,
-               atol=atol, allowed=allowed,
-               verdict="PASS" if res["max_abs"] <= allowed and not res["nonfinite_mismatch"] else "FAIL")
+               atol=atol, reference_max=ref_max, allowed=allowed, verdict=verdict, reason=reason)
     return res
+
+
+def overall(verdicts) -> str:
+    """FAIL if any is FAIL, else INCONCLUSIVE if any is, else PASS (and FAIL for none)."""
+    verdicts = list(verdicts)
+    if not verdicts or "FAIL" in verdicts:
+        return "FAIL"
+    return "INCONCLUSIVE" if "INCONCLUSIVE" in verdicts else "PASS"
 
 
 def compare_all(actual: dict, reference: dict, baseline: dict, **kw) -> dict:
@@ -489,8 +525,7 @@ def compare_all(actual: dict, reference: dict, baseline: dict, **kw) -> dict:
         raise ParameterError(f"{unknown[0]}: no reference for this output; the reference has "
                              f"{', '.join(reference)}")
     results = {n: compare(actual[n], reference[n], baseline[n], name=n, **kw) for n in actual}
-    ok = all(r["verdict"] == "PASS" for r in results.values())
-    return {"results": results, "verdict": "PASS" if ok else "FAIL"}
+    return {"results": results, "verdict": overall(r["verdict"] for r in results.values())}
 
 
 def format_table(results: dict) -> str:

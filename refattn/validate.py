@@ -148,12 +148,24 @@ def check_rank4(a: np.ndarray, name: str, layout: str, dims: str = "D"):
 
 
 def check_qkv(q, k, v, layout: str):
-    """Ranks and agreement of ``q (B,Hq,Sq,D)``, ``k (B,Hkv,Sk,D)``, ``v (B,Hkv,Sk,Dv)`` (bhsd)."""
+    """Ranks and agreement of ``q (B,Hq,Sq,D)``, ``k (B,Hkv,Sk,D)``, ``v (B,Hkv,Sk,Dv)`` (bhsd).
+
+    Empty dimensions: an empty batch (``B = 0`` in all three) and no queries (``Sq = 0``) are valid
+    and give empty results; zero heads, zero keys (``Sk = 0``) or a zero head dim are errors (a
+    shape mistake, not an empty workload)."""
     check_rank4(q, "q", layout)
     check_rank4(k, "k", layout)
     check_rank4(v, "v", layout, "Dv")
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ShapeError(f"k, v: expected batch {q.shape[0]} as in q, got {k.shape[0]} and {v.shape[0]}")
+        raise ShapeError(f"q, k, v: expected the same batch size B, got {q.shape[0]}, {k.shape[0]} "
+                         f"and {v.shape[0]}")
+    for name, a, dims in (("q", q, ((1, "query heads Hq"), (3, "head dim D"))),
+                          ("k", k, ((1, "KV heads Hkv"), (2, "keys Sk"), (3, "head dim D"))),
+                          ("v", v, ((3, "value dim Dv"),))):
+        for axis, what in dims:
+            if a.shape[axis] == 0:
+                raise ShapeError(f"{name}: expected {what} >= 1, got shape "
+                                 f"{fmt_shape(_in_layout(a.shape, layout))} in layout {layout!r}")
     if q.shape[3] != k.shape[3]:
         raise ShapeError(f"k: expected head dim {q.shape[3]} as in q, got {k.shape[3]} "
                          f"(k shape {fmt_shape(_in_layout(k.shape, layout))} in layout {layout!r})")
@@ -162,8 +174,6 @@ def check_qkv(q, k, v, layout: str):
     if k.shape[2] != v.shape[2]:
         raise ShapeError(f"v: expected sequence length {k.shape[2]} as in k, got {v.shape[2]}")
     for name, a in (("q", q), ("k", k), ("v", v)):
-        if min(a.shape) == 0 and name != "q":
-            raise ShapeError(f"{name}: expected non-empty dimensions, got shape {fmt_shape(a.shape)}")
         check_finite(a, name)
 
 
@@ -249,14 +259,20 @@ def check_bool(value, name: str) -> bool:
     return bool(value)
 
 
+#: a window side at least this large reaches past any sequence: it is unbounded (-1)
+UNBOUNDED_SIDE = 2 ** 62
+
+
 def check_window(window):
-    """``(left, right)`` integers >= -1 (-1 = unbounded); None passes."""
+    """``(left, right)`` integers >= -1 (-1 = unbounded; a side >= 2**62 is unbounded too, since
+    no sequence is that long); None passes."""
     if window is None:
         return None
     if isinstance(window, (str, bytes)) or not hasattr(window, "__len__") or len(window) != 2:
         raise ParameterError(f"window: expected a pair (left, right), got {window!r}")
-    return tuple(check_int(w, "window", -1, what=f"{side} an integer >= -1 (-1 = unbounded)")
-                 for side, w in zip(("left", "right"), window))
+    sides = (check_int(w, "window", -1, what=f"{side} an integer >= -1 (-1 = unbounded)")
+             for side, w in zip(("left", "right"), window))
+    return tuple(-1 if w >= UNBOUNDED_SIDE else w for w in sides)
 
 
 def check_broadcast(a, name: str, target, *, dtype=None, kind: str = "float") -> np.ndarray:

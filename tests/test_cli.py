@@ -252,7 +252,6 @@ def test_compare_user_mistakes_exit_2_with_one_line(args, needles):
 def test_compare_float32_compute_dtype_is_checked_against_float64():
     """A float32 run under test is compared with the float64 reference, at the float32 tolerance;
     the reference itself never inherits compute_dtype (it used to fail: numpy computes in float64)."""
-    pytest.importorskip("numba", reason="the float32 compute dtype is the numba backend's")
     res = CliRunner().invoke(cli, ["compare", "--variant", "sdpa", "--backend", "numba",
                                    "--shape", "1,2,48,16", "--param", "causal=true",
                                    "--param", "compute_dtype=float32", "--json"])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from refattn import golden
+from refattn import golden, variants
 from refattn.cli.main import cli
 from refattn.golden.cases import CORE_CASES, alibi_paper_slopes, select
 from reference import philox_keep_mask, reference_attention, reference_probabilities
@@ -292,3 +292,19 @@ def test_a_backend_error_is_reported_not_raised(monkeypatch):
     code, out = verify_json("--backend", "numpy", "--case", "core_plain")
     row = out["results"][0]
     assert code == 1 and row["status"] == "ERROR" and "compute_dtype" in row["reason"]
+
+
+def test_every_golden_case_passes_on_numpy_and_numba():
+    """`refattn golden verify` over every stored case: PASS on each backend the case's variant
+    lists (SKIPPED exactly where it does not), nothing else."""
+    from refattn.golden.cases import all_cases
+    code, out = verify_json("--backend", "numpy", "--backend", "numba")
+    assert code == 0 and out["verdict"] == "PASS"
+    got = statuses(out)
+    cases = all_cases()
+    assert {c for c, _ in got} == set(cases)
+    for (case, backend), status in got.items():
+        listed = backend in variants.get(cases[case].variant).backends
+        assert status == ("PASS" if listed else "SKIPPED"), (case, backend, status)
+    long = [c for c in cases if c.startswith("sparse_") and max(cases[c].shape[2:4]) > 128]
+    assert len(long) >= 6  # sparse cases spanning several 64-tiles of the compiled backends

@@ -22,7 +22,7 @@ import math
 import numpy as np
 import pytest
 
-numba = pytest.importorskip("numba", reason="the numba backend needs numba (pip install numba)")
+import numba  # noqa: E402  (a hard dependency: its absence is a failure, never a skip)
 
 from hypothesis import given, strategies as st  # noqa: E402
 

@@ -131,23 +131,31 @@ def test_metrics_ulp_and_nans():
 
 
 def test_verdict_rule_boundary_and_defaults():
-    ref = np.zeros(4)
-    base = np.array([0.0, 0.01, 0.0, 0.0])
+    ref = np.array([0.0, 0.0, 0.0, 4.0])  # max |ref| = 4: atol counts in units of it
+    base = np.array([0.0, 0.01, 0.0, 4.0])
     atol = 2.0 ** -8  # eps(bf16) / 2
     assert N.defaults("bf16") == (2.0, atol)
     assert N.defaults("fp16") == (2.0, 2.0 ** -11)
     assert N.defaults("fp8_e4m3") == (2.0, 2.0 ** -4)
     assert N.defaults("fp8_e5m2") == (2.0, 2.0 ** -3)
     assert N.defaults("fp32") == (2.0, 2.0 ** -24)
-    allowed = 2 * 0.01 + atol
-    at = N.compare(np.array([0, 0, allowed, 0]), ref, base, dtype="bf16")
+    allowed = 2 * 0.01 + atol * 4.0
+    at = N.compare(np.array([0, 0, allowed, 4]), ref, base, dtype="bf16")
     assert at["verdict"] == "PASS" and at["allowed"] == allowed and at["mismatches"] == 0
-    above = N.compare(np.array([0, 0, np.nextafter(allowed, 1), 0]), ref, base, dtype="bf16")
+    assert at["reference_max"] == 4.0 and at["reason"] is None
+    above = N.compare(np.array([0, 0, np.nextafter(allowed, 1), 4]), ref, base, dtype="bf16")
     assert above["verdict"] == "FAIL" and above["mismatches"] == 1 and above["worst_index"] == (2,)
-    loose = N.compare(np.array([0, 0, 0.05, 0]), ref, base, dtype="bf16", factor=5, atol=0)
+    loose = N.compare(np.array([0, 0, 0.05, 4]), ref, base, dtype="bf16", factor=5, atol=0)
     assert loose["verdict"] == "PASS" and loose["allowed"] == 0.05
-    nan = N.compare(np.array([np.nan, 0, 0, 0]), ref, base, dtype="bf16", factor=1e9)
+    nan = N.compare(np.array([np.nan, 0, 0, 4]), ref, base, dtype="bf16", factor=1e9)
     assert nan["verdict"] == "FAIL"
+    # an allowance that reaches max |ref| would pass zeros: INCONCLUSIVE, not PASS
+    zeros = N.compare(np.zeros(4), ref, base, dtype="bf16", factor=400)
+    assert zeros["verdict"] == "INCONCLUSIVE" and "would pass" in zeros["reason"]
+    assert N.overall(["PASS", "INCONCLUSIVE"]) == "INCONCLUSIVE" and N.overall(["INCONCLUSIVE", "FAIL"]) == "FAIL"
+    # an all-zero reference: no magnitude, so atol adds nothing and exact zeros pass
+    exact = N.compare(np.zeros(3), np.zeros(3), np.zeros(3), dtype="bf16")
+    assert exact["verdict"] == "PASS" and exact["allowed"] == 0.0
     with pytest.raises(ParameterError, match="factor: expected a finite number >= 0, got -1"):
         N.compare(ref, ref, base, dtype="bf16", factor=-1)
 

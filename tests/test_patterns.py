@@ -2,7 +2,6 @@
 codes against a reduction of the dense mask, the set algebra, slices, per-head/batch variation, and
 the cost promise (structured patterns classify tiles without any per-element work)."""
 
-import time
 
 import numpy as np
 import pytest
@@ -190,14 +189,10 @@ def test_block_structured_patterns_cost_o_tiles(monkeypatch):
     def no_elements(*a, **k):
         raise AssertionError("per-element work on a block-structured pattern")
     monkeypatch.setattr(BlockSparse, "keep", no_elements)
-    t0 = time.perf_counter()
     layout, index, masks = pat.tile_plan(b, b, sq=n, sk=n)   # aligned: FULL/EMPTY only
-    assert time.perf_counter() - t0 < 2.0
     assert masks.shape[0] == 0 and (layout != PARTIAL).all()
     for tile in (96, 128, 256):  # unaligned tiles: exact codes, still no element work
-        t0 = time.perf_counter()
         layout = pat.block_layout(tile, tile, sq=n, sk=n)
-        assert time.perf_counter() - t0 < 2.0
         assert (layout == PARTIAL).any()
     monkeypatch.undo()
     small = BlockSparse(layout=lay[:, :8, :8], block_q=b, block_k=b)  # codes are exact: check one
@@ -205,9 +200,16 @@ def test_block_structured_patterns_cost_o_tiles(monkeypatch):
                                   tile_codes(small.mask(512, 512), 96, 96))
     assert pat.density(n, n) == pytest.approx(lay.mean(), abs=1e-12)
     band = Pattern(causal=True, window=(1023, 0))
-    t0 = time.perf_counter()
+    elements = []
+    real_keep = Pattern.keep
+
+    def counting(self, i, j, sq, sk):
+        elements.append(np.size(i) * np.size(j))
+        return real_keep(self, i, j, sq, sk)
+    monkeypatch.setattr(Pattern, "keep", counting)
     layout, index, masks = band.tile_plan(128, 128, sq=n, sk=n)
-    assert time.perf_counter() - t0 < 2.0 and masks.shape[0] == (n // 128) + (n // 128 - 8)  # diagonal + lower edge
+    assert masks.shape[0] == (n // 128) + (n // 128 - 8)  # diagonal + lower edge
+    assert sum(elements) <= masks.shape[0] * 128 * 128  # element work on the PARTIAL tiles only
 
 
 # -- compositions: any tree of predicates keeps mask, codes, plan and count consistent -------------

@@ -309,10 +309,13 @@ def test_transformer_xl_errors():
         var.forward(refattn.backends.get("numpy"), a, var.parse_params({}))
 
 
-def test_nope_is_sdpa():
+def test_nope_is_plain_attention():
+    """nope against the loop-over-definition reference (not against sdpa, which is the same code)."""
     q, k, v = rand(1, 2, 3, 4), rand(1, 2, 5, 4), rand(1, 2, 5, 4)
-    np.testing.assert_array_equal(refattn.attention(q, k, v, variant="nope", causal=True),
-                                  refattn.attention(q, k, v, causal=True))
+    out, lse = refattn.attention(q, k, v, variant="nope", causal=True, return_lse=True)
+    want = reference_attention(q, k, v, causal=True)
+    np.testing.assert_allclose(out, want[0], rtol=0, atol=1e-14)
+    np.testing.assert_allclose(lse, want[1], rtol=0, atol=1e-14)
 
 
 # -- the other backends run the same variants --------------------------------------------------------------

@@ -42,8 +42,9 @@ def import_cupy():
     try:
         import cupy
     except ImportError as exc:
-        raise ImportError(f"the cupy backend needs CuPy ({exc}); install it with "
-                          f"pip install 'refattn[cuda12]' or 'refattn[cuda13]'") from exc
+        raise ImportError(f"the cupy backend needs CuPy ({exc}) and an NVIDIA GPU; on a machine "
+                          f"with one, pip install 'refattn[cuda12]' or 'refattn[cuda13]' (the "
+                          f"CUDA major version of its driver)") from exc
     return cupy
 
 

@@ -27,9 +27,10 @@ the inputs by their documented names, see :mod:`.named`) with numpy arrays or,
 with ``--framework torch``, torch tensors on ``--device`` made with DLPack. ``--dtype`` is the
 precision it computes in: the made inputs (and dout) are rounded to it first, so the function and the
 reference see the same numbers, and the function receives arrays of that dtype (ml_dtypes for bf16
-and fp8 with numpy). Default: ``fp64`` for --impl and backends; for --outputs the narrowest dtype
-that holds the saved ``out`` exactly (``numerics.infer_dtype``: a bf16 kernel's output saved as
-float32 is recognised as bf16).
+and fp8 with numpy). Default: ``fp64`` for --impl and backends; for --outputs the dtype ``out`` had
+before it was saved (``refattn.npzio.save`` records it), else its stored dtype -- and where every
+stored value also fits a narrower dtype (a bf16 output saved as float32, an all-zero output) the
+file cannot tell, so ``--dtype`` is required (exit 2).
 
 Verdict rules.
 
@@ -39,12 +40,14 @@ Verdict rules.
   else the variant's default from the registry, ``refattn list``).
 * a low-precision ``--dtype`` (bf16, fp16, fp8_e4m3, fp8_e5m2, fp32): an array passes when ::
 
-      max|a - r| <= factor * max|baseline - r| + atol(dtype)
+      max|a - r| <= factor * max|baseline - r| + atol(dtype) * max|r|
 
-  and its non-finite entries are those of the reference; ``baseline`` is the same-precision
+  and its non-finite entries are those of the reference -- and when that allowance reaches the
+  reference's own magnitude (an all-zero output would pass) the verdict is INCONCLUSIVE (exit 1,
+  with the reason), never PASS; ``baseline`` is the same-precision
   emulation of refattn.numerics (``--baseline same_precision``: inputs rounded, scores and softmax
   in float32, P rounded before P.V, output rounded; ``inputs_only``: only the inputs and outputs
-  rounded). Defaults ``factor = 2``, ``atol = eps(dtype) / 2`` (the variant's ``verdict``
+  rounded). Defaults ``factor = 2``, ``atol = eps(dtype) / 2`` in units of max|r| (the variant's ``verdict``
   declaration may change them; ``--factor``/``--atol`` override both). Origin: flash-attn's test
   suite, ``(out - out_ref).abs().max() <= 2 * (out_pt - out_ref).abs().max() + atol``.
 
@@ -108,6 +111,8 @@ def compare(problem: Problem, backend: Optional[str], against: str,
     else:
         overall = verdict(report, problem.tolerance)
         factor = atol = None
+    if subject.get("mutated"):  # the function wrote into its inputs: whatever it returned, FAIL
+        overall = "FAIL"
     analysis = explain(problem, actual, expected, report, heat=o.report is not None)
     routing = routing_report(problem, actual, expected)  # moe variants: tokens routed elsewhere
     result = {"schema": SCHEMA, "refattn": __version__, "variant": problem.variant.name,
@@ -169,7 +174,8 @@ def compare(problem: Problem, backend: Optional[str], against: str,
 @click.option("--dtype", metavar="DTYPE", default=None,
               help="Precision of what is under test: bf16, fp16, fp8_e4m3, fp8_e5m2, fp32 "
                    "(same-precision rule) or fp64 (normwise rule). Default: fp64; --outputs: "
-                   "inferred from the saved out.")
+                   "the dtype recorded in the file (refattn.npzio.save), else the stored one; "
+                   "required when the stored values also fit a narrower dtype.")
 @click.option("--baseline", metavar="MODE", default=None,
               help="Low-precision baseline: same_precision (float32 softmax, P rounded) or "
                    "inputs_only (inputs and outputs rounded). Default: same_precision.")
@@ -180,16 +186,19 @@ def compare(problem: Problem, backend: Optional[str], against: str,
               help="Override the rule's factor: max|test - ref| <= F * max|baseline - ref| + atol. "
                    "Default: 2 (or the variant's).")
 @click.option("--atol", metavar="A", default=None,
-              help="Override the rule's atol. Default: eps(dtype)/2, e.g. 2**-8 for bf16 (or the "
-                   "variant's).")
+              help="Override the rule's atol (in units of max|reference|). Default: eps(dtype)/2, "
+                   "e.g. 2**-8 for bf16 (or the variant's).")
+@click.option("--timeout", metavar="SECONDS", default=None,
+              help="Run --impl in a subprocess and stop it after SECONDS (exit 2). Default: none "
+                   "(in this process, no limit).")
 @click.option("--report", "report_path", metavar="OUT.md|OUT.html", default=None,
               help="Also write a report with the table, the error account and a heat map of the "
                    "error per (query, key block) (matplotlib). Default: none.")
 @json_option
 @one_line_errors
 def command(variant, backend, against, case, shape, seed, params, impl_spec, adapter, framework,
-            device, lse, backward, outputs, dtype, baseline, grad, factor, atol, report_path,
-            as_json):
+            device, lse, backward, outputs, dtype, baseline, grad, factor, atol, timeout,
+            report_path, as_json):
     """Compare a backend, a function (--impl) or saved outputs (--outputs) with the float64
     reference and print the errors and a verdict; on FAIL, the worst (b, h, i, j) and where the
     errors cluster.
@@ -200,7 +209,7 @@ def command(variant, backend, against, case, shape, seed, params, impl_spec, ada
                             lse=lse, backward=backward, outputs=outputs, dtype=dtype,
                             baseline=baseline, factor=factor, atol=atol, grad=grad,
                             report=report_path, backend=backend, against=against, case=case,
-                            shape=shape, seed=seed)
+                            shape=shape, seed=seed, timeout=timeout)
     if against not in ("numpy", "golden"):
         backends.get(against)  # an unknown reference backend is a usage error before any work
     if backend is not None:

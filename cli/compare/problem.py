@@ -14,8 +14,9 @@ from typing import Optional
 
 import numpy as np
 
-from refattn import variants
+from refattn import memory, variants
 from refattn.errors import ParameterError, ShapeError
+from refattn.validate import check_int
 from ..options import Made, parse_params, parse_shape
 
 #: --dtype choices; fp64 selects the float64 rule
@@ -88,6 +89,7 @@ class Oracle:
     atol: Optional[float] = None
     grad: bool = False
     report: Optional[str] = None
+    timeout: Optional[float] = None
 
     @property
     def kind(self) -> str:
@@ -120,11 +122,23 @@ def build_problem(variant: Optional[str], case: Optional[str], shape: Optional[s
         raise ShapeError(f"--shape: expected Hkv dividing Hq (query heads share KV heads in equal "
                          f"groups), got Hq={dims[1]}, Hkv={dims[5]}; --param head_map=random gives "
                          f"an uneven grouping")
-    seed = 0 if seed is None else seed
+    seed = 0 if seed is None else check_int(seed, "--seed", 0, 2 ** 63 - 1)
+    memory.check(estimate_bytes(dims, arrays), "--shape",
+                 f"the inputs, outputs and reference of shape {','.join(map(str, dims))}")
     built = build(Case(name="cli", variant=var.name, shape=dims, seed=seed, params=scalars,
                        arrays=arrays))
     return Problem(variant=var, params=built.params, inputs=built.inputs, shape=dims, seed=seed,
                    tolerance=tolerance_for(var, built.params), rng=built.rng)
+
+
+def estimate_bytes(dims, made=()) -> float:
+    """What a compare of shape ``dims`` holds: inputs and outputs for the run under test, the
+    reference and a baseline (4 copies), made (B, H, Sq, Sk) array parameters twice, and the numpy
+    reference's chunk of scores and probabilities."""
+    from refattn.backends.numpy_ import CHUNK_ELEMENTS
+    b, hq, sq, sk, _, _ = dims
+    pairs = sum(2.0 * b * hq * sq * sk * 8 for n in made if n in ("mask", "bias", "dropout_mask"))
+    return memory.attention_bytes(dims, copies=4) + pairs + 6 * CHUNK_ELEMENTS * 8
 
 
 #: normwise relative tolerance of a run with ``compute_dtype="float32"`` (float32 storage, float64
@@ -218,7 +232,8 @@ def _choice(value: Optional[str], flag: str, choices, default: str) -> str:
 
 
 def oracle_options(*, impl, adapter, framework, device, lse, backward, outputs, dtype, baseline,
-                   factor, atol, grad, report, backend, against, case, shape, seed) -> Oracle:
+                   factor, atol, grad, report, backend, against, case, shape, seed,
+                   timeout=None) -> Oracle:
     """The validated :class:`Oracle`; every incompatible combination is a ``ParameterError``.
     The low-precision-only options are checked by :func:`check_low_options` once the dtype is
     known (an --outputs file may decide it)."""
@@ -235,7 +250,7 @@ def oracle_options(*, impl, adapter, framework, device, lse, backward, outputs, 
     if impl is None:
         for name, value in (("--adapter", adapter), ("--framework", framework),
                             ("--device", device), ("--backward", backward),
-                            ("--lse", True if lse else None)):
+                            ("--lse", True if lse else None), ("--timeout", timeout)):
             if value is not None:
                 raise ParameterError(f"{name}: applies to --impl, got {name} {value!r} without it")
     if outputs is not None:
@@ -267,7 +282,14 @@ def oracle_options(*, impl, adapter, framework, device, lse, backward, outputs, 
                   dtype=dt or "fp64", baseline=_choice(baseline, "--baseline", BASELINES,
                                                        "same_precision"),
                   factor=_number(factor, "--factor"), atol=_number(atol, "--atol"), grad=grad,
-                  report=report)
+                  report=report, timeout=_timeout(timeout))
+
+
+def _timeout(text) -> Optional[float]:
+    value = _number(text, "--timeout")
+    if value is not None and value <= 0:
+        raise ParameterError(f"--timeout: expected a number of seconds > 0, got {text!r}")
+    return value
 
 
 def check_low_options(o: Oracle, *, baseline, factor, atol, report):
@@ -283,14 +305,36 @@ def check_low_options(o: Oracle, *, baseline, factor, atol, report):
                                  f"fp8_e5m2, fp32; {why}), got {value!r}")
 
 
+#: the dtypes a stored float dtype may hide (values of a narrower dtype saved in a wider one)
+_NARROWER = {"float16": ("fp8_e5m2", "fp8_e4m3"),
+             "float32": ("fp8_e5m2", "fp8_e4m3", "bf16", "fp16"),
+             "float64": ("fp8_e5m2", "fp8_e4m3", "bf16", "fp16", "fp32")}
+
+
 def resolve_dtype(o: Oracle, problem: Problem, given: bool) -> Oracle:
-    """``o`` with the dtype of an --outputs file when --dtype was not given."""
+    """``o`` with the dtype of an --outputs file when --dtype was not given: the dtype ``out`` had
+    before it was saved (refattn.npzio.save records it), else its stored dtype -- unless every
+    stored value is also a number of a narrower dtype (a bf16 output saved as float32, an all-zero
+    output), where the file cannot say which the kernel computed in and --dtype must."""
     if o.kind != "outputs" or given:
         return o
     from dataclasses import replace
-    from refattn import numerics
-    name = numerics.infer_dtype(problem.saved["out"])
-    return replace(o, dtype=numerics.SHORT.get(name, "fp64"), dtype_inferred=True)
+    from refattn import npzio, numerics
+    recorded = npzio.saved_dtypes(problem.source).get("out")
+    if recorded is not None:
+        return replace(o, dtype=numerics.SHORT.get(recorded, "fp64"), dtype_inferred=True)
+    out = problem.saved["out"]
+    stored = out.dtype.name
+    short = numerics.SHORT.get(stored, "fp64")
+    fits = [d for d in _NARROWER.get(stored, ()) if numerics.representable(out, d)]
+    if fits:
+        name = os.path.basename(problem.source)
+        raise ParameterError(
+            f"--dtype: expected it for {name}, whose out is stored as {stored} but holds only values "
+            f"that are also {', '.join(fits)} numbers, so the file cannot say which precision the "
+            f"kernel computed in (save with refattn.npzio.save to record it); give --dtype {short} "
+            f"or --dtype {fits[-1]}")
+    return replace(o, dtype=short, dtype_inferred=True)
 
 
 def round_inputs(problem: Problem, o: Oracle):

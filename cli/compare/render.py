@@ -10,7 +10,8 @@ schema version)::
      "under_test": {"kind": "backend", "name": "numba"}
                  | {"kind": "impl", "name": "my_pkg.kernels:my_attn", "adapter": "refattn",
                     "framework": "numpy" | "torch" | "jax", "device": null | "cuda",
-                    "lse": false, "backward": null | "module:function"}
+                    "lse": false, "backward": null | "module:function",
+                    "mutated": ["q", ...]}                # inputs it wrote into (then FAIL)
                  | {"kind": "outputs", "name": "run.npz", "file": "/abs/run.npz",
                     "keys": ["k", "lse", "out", "q", "v"]},
      "reference": {"kind": "numpy" | "backend" | "golden", "name": "numpy",
@@ -22,7 +23,7 @@ schema version)::
      "tolerance": 1e-12 | null,                                # null with a low-precision dtype
      "rule": "...", "grad": false,
      "arrays": {"out": METRICS, "lse": METRICS, "dq": ..., "dk": ..., "dv": ...},
-     "verdict": "PASS" | "FAIL",
+     "verdict": "PASS" | "FAIL" | "INCONCLUSIVE",   # INCONCLUSIVE: exit 1, arrays[*].reason says why
      "analysis": null | {"worst": {"index": [b, h, i, j | null], "element": [b, h, i, d],
                                    "relation": "...", "explained": 0.99,
                                    "block_keys": [j0, j1], "block_explained": 0.5},
@@ -44,7 +45,10 @@ schema version)::
                "pass": bool,
                # with a low-precision dtype also:
                "dtype": "bf16", "baseline_max_abs": float, "factor": float, "atol": float,
-               "allowed": float}                          # factor * baseline_max_abs + atol
+               "reference_max": float,                    # max |reference| (finite entries)
+               "allowed": float,                          # factor * baseline_max_abs + atol * reference_max
+               "status": "PASS" | "FAIL" | "INCONCLUSIVE",
+               "reason": str | null}                      # why INCONCLUSIVE
 
 Non-finite numbers in the JSON are the strings ``"inf"``/``"nan"``. With a shape mismatch,
 ``METRICS`` is ``{"shape": [...], "expected_shape": [...], "axes": ..., "error": "...", "pass":
@@ -107,19 +111,24 @@ def _rows(result: dict) -> tuple:
             rows.append((name, m["error"]) + ("",) * (len(head) - 3) + ("FAIL",))
             continue
         extra = (_fmt(m["allowed"]), _fmt(m["baseline_max_abs"])) if low else ()
+        status = m.get("status") or ("PASS" if m["pass"] else "FAIL")
         ulp = (_fmt(m["max_ulp"]), str(m["mismatches"])) if low else ()
         rows.append((name, _fmt(m["max_abs"])) + extra + (_fmt(m["max_rel"]), _fmt(m["normwise_rel"]))
                     + ulp + (_index_text(m), _nan_inf(m, "nan"), _nan_inf(m, "inf"),
-                             "PASS" if m["pass"] else "FAIL"))
+                             status))
     return head, rows
 
 
 def _verdict_line(result: dict) -> str:
     if result.get("dtype", "fp64") == "fp64":
         return f"{result['verdict']}: {RULE}, tolerance {result['tolerance']:g}"
-    return (f"{result['verdict']}: max|test - float64| <= {result['factor']:g} * "
-            f"max|{result['dtype']} baseline - float64| + {result['atol']:g} "
+    line = (f"{result['verdict']}: max|test - float64| <= {result['factor']:g} * "
+            f"max|{result['dtype']} baseline - float64| + {result['atol']:g} * max|float64| "
             f"({result['baseline']} baseline), non-finite entries as the reference's")
+    reasons = [m["reason"] for m in result["arrays"].values() if m.get("reason")]
+    if result["verdict"] == "INCONCLUSIVE" and reasons:
+        line = "INCONCLUSIVE: " + "; ".join(reasons) + "\n" + line
+    return line
 
 
 #: below this share of a row's error explained by one key, the worst key is not named
@@ -159,7 +168,7 @@ def render(result: dict) -> str:
     if dtype != "fp64":
         how = ("inputs rounded, scores and softmax in float32, P rounded before P.V, output rounded"
                if result["baseline"] == "same_precision" else "inputs and outputs rounded")
-        guessed = (" (inferred from the saved out: every value is a " + dtype + " number; give "
+        guessed = (" (the dtype of the saved out: recorded in the file, or its stored dtype; give "
                    "--dtype to choose)") if result.get("dtype_inferred") else ""
         lines.append(f"dtype {dtype}{guessed}; baseline {result['baseline']}: {how}")
     from ..list_ import table
@@ -169,6 +178,11 @@ def render(result: dict) -> str:
     lines.append(table(rows, head_row))
     lines.append("")
     analysis = result.get("analysis")
+    mutated = result["under_test"].get("mutated")
+    if mutated:
+        lines.append(f"the function under test modified its inputs in place: {', '.join(mutated)} "
+                     f"(the reference used refattn's own copies); a kernel must not write into "
+                     f"its inputs")
     if result["verdict"] == "FAIL" and analysis:
         lines.append(worst_text(analysis.get("worst")))
         lines += analysis.get("lines", [])

@@ -14,7 +14,8 @@ import click
 import numpy as np
 
 from refattn import backends, pipeline
-from refattn.errors import ParameterError
+from refattn.errors import ParameterError, RefattnError
+from refattn.impl import ImplCallError
 from .problem import GRADS, Oracle, Problem
 
 #: show a progress bar when a computation has at least this many scores (B * Hq * Sq * Sk)
@@ -69,13 +70,16 @@ def run_backend(problem: Problem, name: str, label: str, dout=None, reference: b
     return result
 
 
-def run_impl(problem: Problem, o: Oracle, dout) -> tuple:
-    """``(description, outputs)`` of the user's function (refattn.impl) on the problem."""
-    from refattn import impl
+def impl_outputs(variant: str, inputs: dict, params: dict, o: Oracle, dout) -> dict:
+    """The outputs (and with ``dout`` the gradients) of the user's function on a case: what
+    :func:`run_impl` runs, here or in a subprocess (``--timeout``). Plain data in, plain data out."""
+    from refattn import impl, variants
 
+    var = variants.get(variant)
+    problem = Problem(variant=var, params=params, inputs=inputs, shape=None, seed=None, tolerance=0.0)
     if not problem.on_qkv:  # any other variant: fn(**inputs, **params) (refattn.impl.call_named)
         from .named import run_impl_named
-        return run_impl_named(problem, o, dout)
+        return run_impl_named(problem, o, dout)[1]
     fn = impl.load(o.impl)
     case = problem.case_dict
     dtype = o.dtype if o.low else None
@@ -91,8 +95,83 @@ def run_impl(problem: Problem, o: Oracle, dout) -> tuple:
         else:
             got.update(impl.grads(fn, case, dout, adapter=o.adapter, framework=o.framework,
                                   dtype=dtype, device=o.device))
+    return got
+
+
+def _changed(before: dict, inputs: dict, params: dict) -> list:
+    """Names of the arrays in ``before`` (private copies) that differ now."""
+    now = {**inputs, **params}
+    return sorted(n for n, a in before.items()
+                  if not np.array_equal(now[n], a, equal_nan=a.dtype.kind == "f"))
+
+
+def _copies(inputs: dict, params: dict) -> dict:
+    return {n: np.array(a, copy=True) for n, a in {**inputs, **params}.items()
+            if isinstance(a, np.ndarray)}
+
+
+def _isolated(conn, args):
+    """The child of :func:`_with_timeout`: run :func:`impl_outputs` and send the result back (with
+    the names of the inputs the function wrote into)."""
+    try:
+        before = _copies(args[1], args[2])
+        got = impl_outputs(*args)
+        conn.send(("ok", got, _changed(before, args[1], args[2])))
+    except BaseException as exc:  # report everything, even SystemExit, as one line
+        conn.send(("error", type(exc).__name__, str(exc), isinstance(exc, RefattnError)))
+    finally:
+        conn.close()
+
+
+def _with_timeout(args, timeout: float) -> dict:
+    """:func:`impl_outputs` in a fresh process that is stopped after ``timeout`` seconds (a thread
+    cannot be killed; a hung kernel must not hang the check)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_isolated, args=(child, args), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        ready = parent.poll(timeout)
+        if not ready:
+            raise ParameterError(f"--timeout: the function under test did not return within "
+                                 f"{timeout:g} s; it was stopped")
+        try:
+            msg = parent.recv()
+        except EOFError:
+            raise ParameterError(f"--timeout: the process running the function under test ended "
+                                 f"without a result (exit code {proc.exitcode})") from None
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+        proc.join(5)
+    if msg[0] == "ok":
+        return msg[1], msg[2]
+    _, kind, text, ours = msg
+    if ours:
+        raise ImplCallError(text)
+    raise ImplCallError(f"impl: the function under test raised {kind}: {text}")
+
+
+def run_impl(problem: Problem, o: Oracle, dout) -> tuple:
+    """``(description, outputs)`` of the user's function (refattn.impl) on the problem.
+
+    The function gets the case's arrays; refattn keeps private copies, so a function that writes
+    into its inputs cannot change the reference, and such a function is reported (``mutated`` in
+    the description: the names of the arrays it changed; the verdict is then FAIL)."""
+    keep = _copies(problem.inputs, problem.params)
+    args = (problem.variant.name, problem.inputs, problem.params, o, dout)
+    if o.timeout is not None:
+        got, mutated = _with_timeout(args, o.timeout)
+    else:
+        got = impl_outputs(*args)
+        mutated = _changed(keep, problem.inputs, problem.params)
+    problem.inputs = {n: keep.get(n, a) for n, a in problem.inputs.items()}
+    problem.params = {n: keep.get(n, a) for n, a in problem.params.items()}
     subject = {"kind": "impl", "name": o.impl, "adapter": o.adapter, "framework": o.framework,
-               "device": o.device, "lse": o.lse, "backward": o.backward}
+               "device": o.device, "lse": o.lse, "backward": o.backward, "mutated": mutated}
     return subject, got
 
 

@@ -63,11 +63,11 @@ def verdict_low(report: dict, actual: dict, expected: dict, base: dict, o: Oracl
         res = numerics.compare(actual[name], expected[name], base[name], dtype=o.dtype,
                                factor=o.factor, atol=o.atol, variant=variant, name=name)
         results[name] = res
-        m.update({k: res[k] for k in ("dtype", "baseline_max_abs", "factor", "atol", "allowed",
-                                      "max_ulp", "mismatches")})
+        m.update({k: res[k] for k in ("dtype", "baseline_max_abs", "factor", "atol", "reference_max",
+                                      "allowed", "max_ulp", "mismatches", "reason")})
         m["pass"] = res["verdict"] == "PASS"
-    overall = "PASS" if report and all(m["pass"] for m in report.values()) else "FAIL"
-    return overall, results
+        m["status"] = res["verdict"]
+    return numerics.overall(m.get("status", "FAIL") for m in report.values()), results
 
 
 def index_axes(problem: Problem) -> dict:

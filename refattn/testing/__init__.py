@@ -46,18 +46,24 @@ def _blas_threads(case):
 
 
 def _as_outputs(actual) -> dict:
+    """The outputs given, by name; an entry that is None (an LSE the kernel does not compute) is
+    left out, and ``out`` itself is required."""
     if isinstance(actual, dict):
         unknown = sorted(set(actual) - set(numerics.OUTPUT_NAMES) - {"dout"})
         if unknown:
             raise ParameterError(f"actual: unknown output {unknown[0]!r}; expected keys among "
                                  f"{', '.join(numerics.OUTPUT_NAMES)}")
-        return dict(actual)
-    if isinstance(actual, (tuple, list)):
+        got = dict(actual)
+    elif isinstance(actual, (tuple, list)):
         if len(actual) not in (1, 2):
             raise ParameterError(f"actual: expected out or (out, lse), got a sequence of "
                                  f"{len(actual)} items")
-        return dict(zip(("out", "lse"), actual))
-    return {"out": actual}
+        got = dict(zip(("out", "lse"), actual))
+    else:
+        got = {"out": actual}
+    if got.get("out") is None and "dq" not in got:
+        raise ParameterError("actual: expected the output array (or (out, lse)), got None")
+    return {n: a for n, a in got.items() if a is not None}
 
 
 def check_attention(actual, *, variant: str = "sdpa", dtype="bf16", factor: Optional[float] = None,
@@ -78,6 +84,8 @@ def check_attention(actual, *, variant: str = "sdpa", dtype="bf16", factor: Opti
     needs_grad = any(n in outputs for n in ("dq", "dk", "dv"))
     if needs_grad and dout is None:
         raise ParameterError("dout: gradients dq/dk/dv were given; pass the dout they belong to")
+    if str(dtype).lower() in FLOAT64_NAMES:
+        return _check_float64(outputs, variant, backend, dout if needs_grad else None, case)
     with _blas_threads(case):
         ref = numerics.reference(case, variant=variant, backend=backend,
                                  dout=dout if needs_grad else None)
@@ -90,6 +98,7 @@ def check_attention(actual, *, variant: str = "sdpa", dtype="bf16", factor: Opti
                                    variant=variant)
     lines = [f"{res['verdict']}: {variant} against float64, {numerics.SHORT[numerics.canonical(dtype)]}"
              f" baseline ({baseline})", numerics.format_table(res["results"])]
+    lines += [r["reason"] for r in res["results"].values() if r.get("reason")]
     out_res = res["results"].get("out")
     res["analysis"] = None
     failed = out_res is not None and out_res["verdict"] == "FAIL"
@@ -104,6 +113,35 @@ def check_attention(actual, *, variant: str = "sdpa", dtype="bf16", factor: Opti
     return res
 
 
+#: ``dtype`` spellings of the float64 rule (an implementation computing in float64)
+FLOAT64_NAMES = ("fp64", "float64", "double")
+
+
+def _check_float64(outputs, variant, backend, dout, case) -> dict:
+    """The float64 rule of ``refattn compare``: non-finite entries identical and normwise relative
+    error at most the variant's tolerance (``refattn list`` shows it)."""
+    from .. import variants
+    tol = variants.get(variant).tolerance
+    with _blas_threads(case):
+        ref = numerics.reference(case, variant=variant, backend=backend, dout=dout)
+    missing = [n for n in outputs if n not in ref]
+    if missing:
+        raise ParameterError(f"actual: variant {variant!r} gives no {missing[0]!r} to compare with")
+    results = {}
+    for n, a in outputs.items():
+        m = numerics.metrics(a, ref[n], name=n)
+        m.update(name=n, tolerance=tol,
+                 verdict="PASS" if numerics.within_tolerance(m, tol) else "FAIL")
+        results[n] = m
+    verdict = "PASS" if all(r["verdict"] == "PASS" for r in results.values()) else "FAIL"
+    lines = [f"{verdict}: {variant} against float64, normwise relative error <= {tol:g} and "
+             f"non-finite entries identical"]
+    lines += [f"{n}: max_abs {r['max_abs']:.3e}, normwise_rel {r['normwise_rel']:.3e}, worst index "
+              f"{r['worst_index']}, NaN {r['nan'][0]}/{r['nan'][1]}, {r['verdict']}"
+              for n, r in results.items()]
+    return {"results": results, "verdict": verdict, "analysis": None, "message": "\n".join(lines)}
+
+
 def assert_attention_close(actual, *, variant: str = "sdpa", dtype="bf16",
                            factor: Optional[float] = None, atol: Optional[float] = None,
                            baseline: str = "same_precision", backend: str = "numpy", dout=None,
@@ -114,9 +152,10 @@ def assert_attention_close(actual, *, variant: str = "sdpa", dtype="bf16",
     (gradients need ``dout=``, or a ``"dout"`` entry in the dict, as
     :func:`refattn.npzio.load_outputs` returns it). ``case``: ``q, k, v`` and the variant's parameters -- exactly the
     keyword arguments given to the implementation (a strategy case's ``.kwargs``). ``dtype`` is the
-    precision the implementation computes in; ``factor``/``atol`` override the verdict rule's
-    defaults; ``baseline="inputs_only"`` selects the weaker baseline. Raises ``AssertionError``
-    with the metrics table on failure.
+    precision the implementation computes in (``"fp64"`` selects the float64 rule of ``refattn
+    compare``: normwise relative error within the variant's tolerance); ``factor``/``atol``
+    override the low-precision rule's defaults; ``baseline="inputs_only"`` selects the weaker
+    baseline. Raises ``AssertionError`` with the metrics table on failure.
     """
     res = check_attention(actual, variant=variant, dtype=dtype, factor=factor, atol=atol,
                           baseline=baseline, backend=backend, dout=dout, analyse=None, **case)

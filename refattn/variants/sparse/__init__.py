@@ -134,6 +134,9 @@ def pattern_of(variant, arrays: dict, p) -> Pattern:
     """
     from refattn.backends import get
     backend = get("numpy")
+    if tuple(variant.inputs) != ("q", "k", "v"):
+        raise ParameterError(f"variant: {variant.name!r} has no query x key pattern to draw (its "
+                             f"inputs are {', '.join(variant.inputs)}); draw a variant on q, k, v")
     if variant.name in PATTERNS:
         return PATTERNS[variant.name](backend, arrays, p)
     if isinstance(p, CoreParams):
@@ -582,7 +585,7 @@ def compress(x, block, stride, weight=None):
     (``nc = (S - block) // stride + 1``); ``phi`` is the mean or the weighted sum with ``weight``."""
     b, h, s, d = x.shape
     nc = max(0, (s - block) // stride + 1)
-    w = np.full(block, 1.0 / block) if weight is None else np.asarray(weight, dtype=np.float64)
+    w = np.full(block, 1.0 / block) if weight is None else V.as_compute(weight, "cmp_weight")
     if w.shape != (block,):
         raise ShapeError(f"cmp_weight: expected shape ({block},), got {fmt_shape(w.shape)}")
     idx = np.arange(nc)[:, None] * stride + np.arange(block)[None, :]
@@ -609,8 +612,8 @@ def nsa_selection(p_cmp, *, group, positions, sk, cmp_block, cmp_stride, sel_blo
     Importance: NSA eq. 9 (:func:`nsa_importance_map`), summed over the query heads of each GQA
     group (``group`` = query heads per KV head). Blocks starting after the query's position are not
     candidates; block 0 and the ``n_local`` latest blocks are forced; the rest by score, ties to the
-    lower index. Rows with fewer candidates than ``n_select`` repeat their first selected block (a
-    set: counted once).
+    lower index. Rows with fewer candidates than ``n_select`` (or a sequence with fewer than
+    ``n_select`` blocks) repeat their first selected block (a set: counted once).
     """
     b, hq, rows, nc = p_cmp.shape
     nsel = -(-sk // sel_block)
@@ -622,10 +625,12 @@ def nsa_selection(p_cmp, *, group, positions, sk, cmp_block, cmp_stride, sel_blo
     cand = blocks * sel_block <= positions[:, None]                          # (rows, nsel)
     forced = ((blocks == 0) | ((blocks <= cur) & (blocks > cur - n_local))) & cand
     keep = select_blocks(np.where(cand, p_slc, -1.0), forced, k=n_select) & cand
-    order = np.argsort(~keep, axis=-1, kind="stable")[..., :n_select]    # kept blocks first, by index
+    width = min(n_select, nsel)
+    order = np.argsort(~keep, axis=-1, kind="stable")[..., :width]       # kept blocks first, by index
     table = np.take_along_axis(np.broadcast_to(np.arange(nsel), keep.shape), order, -1)
     n_kept = keep.sum(-1, keepdims=True)
-    return np.where(np.arange(n_select) < n_kept, table, table[..., :1])
+    table = np.where(np.arange(width) < n_kept, table, table[..., :1])
+    return np.concatenate([table, np.repeat(table[..., :1], n_select - width, axis=-1)], axis=-1)
 
 
 #: query rows per chunk when NSA computes compressed probabilities and selections
@@ -637,9 +642,6 @@ def _nsa_forward(backend, arrays, p, want_pattern=False):
     b, hq, sq, sk = _shape(pre)
     al = pre.pattern.alignment
     s = pre.pattern.band(sq, sk)[0]
-    if p.head_map is not None:
-        raise ParameterError("head_map: nsa ranks blocks per GQA group (query head h uses KV head "
-                             "h // (Hq // Hkv)); a custom head_map is not supported")
     ell, d, ell2 = (_posint(getattr(p, n), n) for n in ("cmp_block", "cmp_stride", "sel_block"))
     if ell % d or ell2 % d:
         raise ParameterError(f"cmp_block, sel_block: expected multiples of cmp_stride={d}, got {ell}, {ell2}")
@@ -658,8 +660,12 @@ def _nsa_forward(backend, arrays, p, want_pattern=False):
     nc = kc.shape[2]
     last_token = np.arange(nc) * d + ell - 1
     cmp_vis = Pattern(dense=(last_token[None, :] <= (np.arange(sq) + s)[:, None]), alignment=al)
-    o_cmp, lse_cmp = backend.attend(pre.q, kc, vc, pattern=cmp_vis, scale=pre.scale, head_map=pre.head_map)
-    o_cmp, lse_cmp = backend.to_numpy(o_cmp), backend.to_numpy(lse_cmp)
+    if nc:
+        o_cmp, lse_cmp = backend.attend(pre.q, kc, vc, pattern=cmp_vis, scale=pre.scale,
+                                        head_map=pre.head_map)
+        o_cmp, lse_cmp = backend.to_numpy(o_cmp), backend.to_numpy(lse_cmp)
+    else:  # shorter than one compressed block: that branch sees nothing (output 0, LSE -inf)
+        o_cmp, lse_cmp = np.zeros(pre.q.shape[:3] + pre.v.shape[3:]), np.full(pre.q.shape[:3], -np.inf)
     # 2. selected branch: the top-n blocks of size l' (per GQA group), causal inside them;
     #    compressed probabilities exp(S - lse) in query chunks (memory O(chunk * nc))
     group = hq // pre.k.shape[1]
