@@ -69,8 +69,9 @@ class Backend(abc.ABC):
 
     Hooks (set on a copy by :meth:`configured`, never on the registry's shared instance):
 
-    * ``progress(rows)``: called as query rows of an ``attend``/``attend_backward`` call complete
-      (backends that can report progress do; others never call it);
+    * ``progress(fraction)``: called as parts of an ``attend``/``attend_backward`` call complete,
+      with each part's share of the call's work (visible pairs or tiles: the shares of one call sum
+      to 1, so a time-left estimate holds); backends that cannot report progress never call it;
     * ``rounding``: an object emulating a low-precision kernel (``work`` dtype of the arithmetic,
       ``inputs(x, name)`` and ``store(x)`` rounding to the storage dtype, ``calls`` counting the
       primitive calls that used it: :class:`refattn.numerics.Rounding`). Only backends with
@@ -97,10 +98,10 @@ class Backend(abc.ABC):
         twin.progress, twin.rounding = progress, rounding
         return twin
 
-    def tick(self, rows: int):
-        """Report ``rows`` completed query rows to the progress hook, if any."""
+    def tick(self, fraction: float):
+        """Report a completed ``fraction`` of the current call's work to the progress hook."""
         if self.progress is not None:
-            self.progress(rows)
+            self.progress(fraction)
 
     @property
     @abc.abstractmethod

@@ -4,6 +4,15 @@ It works in chunks of query rows so that the memory it needs is ``O(chunk * Sk)`
 rather than ``O(Sq * Sk)``: a 32K-token reference fits. Each chunk is plain textbook attention:
 scores, score modifications, mask, a max-subtracted softmax, dropout, ``P @ V``.
 
+A chunk computes scores only for the keys some of its queries can see: the Pattern's
+``block_layout`` at (chunk x :data:`KEY_BLOCK`) tiles names the key blocks that hold a visible pair,
+and the chunk works on those, as contiguous segments of ``k`` and ``v`` (views, never copies). So
+the cost follows the visible pairs -- half for causal, O(N w) for a window -- while every visible
+pair is still computed and masked exactly as the definition says. The forward spreads its chunks
+over ``threads`` threads (numpy releases the GIL in matmul and exp; BLAS pinned to one thread
+meanwhile); chunks own their rows, so the result does not depend on the thread count. The backward
+accumulates dK and dV over chunks in order, on one thread.
+
 Low precision (the ``rounding`` hook)
 -------------------------------------
 The same loop, given a ``rounding`` (:class:`refattn.numerics.Rounding`), computes what a kernel
@@ -18,17 +27,51 @@ from __future__ import annotations
 
 import numpy as np
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 from refattn import dropout as philox
+from refattn.patterns import EMPTY
 from .base import Backend
 
 #: target number of score elements per chunk (B * Hq * rows * Sk); 2**22 doubles = 32 MiB
 CHUNK_ELEMENTS = 1 << 22
+#: keys per block when a chunk looks for the keys it can see
+KEY_BLOCK = 64
 
 
 def _row_chunks(b, h, sq, sk, chunk_elements):
     rows = max(1, chunk_elements // max(1, b * h * sk))
     for start in range(0, sq, rows):
         yield slice(start, min(sq, start + rows))
+
+
+def visible_segments(pattern, b, h, sq, sk, chunk_elements):
+    """``[(rows, segments)]``: each chunk of query rows with the contiguous runs of key blocks
+    (slices of ``range(sk)``) that hold a pair one of its queries can see -- empty when none."""
+    rows_per = max(1, chunk_elements // max(1, b * h * sk))
+    if sq == 0 or sk == 0:
+        return [(rows, []) for rows in _row_chunks(b, h, sq, sk, chunk_elements)]
+    seen = (pattern.block_layout(rows_per, KEY_BLOCK, sq=sq, sk=sk) != EMPTY).any(axis=(0, 1))
+    out = []
+    for c, rows in enumerate(_row_chunks(b, h, sq, sk, chunk_elements)):
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], seen[c].astype(np.int8), [0]])))
+        out.append((rows, [slice(int(a) * KEY_BLOCK, min(sk, int(z) * KEY_BLOCK))
+                           for a, z in zip(edges[::2], edges[1::2])]))
+    return out
+
+
+def _width(segments) -> int:
+    return sum(s.stop - s.start for s in segments)
+
+
+def _locals(segments):
+    """``(segment, local slice)``: where each segment's columns sit in the chunk's gathered scores."""
+    at = 0
+    for seg in segments:
+        n = seg.stop - seg.start
+        yield seg, slice(at, at + n)
+        at += n
 
 
 def _take_rows(a, rows):
@@ -46,8 +89,14 @@ class NumpyBackend(Backend):
     compute_dtypes = ("float64",)
     supports_rounding = True
 
-    def __init__(self, chunk_elements: int = CHUNK_ELEMENTS):
+    def __init__(self, chunk_elements: int = CHUNK_ELEMENTS, threads=None):
         self.chunk_elements = chunk_elements
+        if threads is None:
+            try:
+                threads = len(os.sched_getaffinity(0))
+            except (AttributeError, OSError):
+                threads = os.cpu_count() or 1
+        self.threads = max(1, int(threads))
 
     @property
     def xp(self):
@@ -104,13 +153,50 @@ class NumpyBackend(Backend):
         s = np.where(visible, s, -np.inf).astype(work, copy=False)
         return s, (None if t is None else t.astype(work, copy=False))
 
-    def dropout_keep(self, dropout, b, h, sq, sk, rows):
-        """Keep-mask for a chunk (broadcastable to ``(B, Hq, r, Sk)``), or None without dropout."""
+    def dropout_keep(self, dropout, b, h, sq, sk, rows, segments=None):
+        """Keep-mask for a chunk (broadcastable to ``(B, Hq, r, Sk)``, or to the chunk's gathered
+        ``segments`` of keys), or None without dropout."""
         if dropout is None:
             return None
         if dropout.mask is not None:
-            return _take_rows(dropout.mask, rows)
-        return philox.keep_mask(dropout.seed, dropout.p, b, h, sq, sk, rows)
+            keep = _take_rows(dropout.mask, rows)
+        else:
+            keep = philox.keep_mask(dropout.seed, dropout.p, b, h, sq, sk, rows)
+        if segments is None or keep.shape[3] == 1:
+            return keep
+        return np.concatenate([keep[..., seg] for seg in segments], axis=-1)
+
+    def chunk_scores(self, q_rows, k, rows, segments, sq, sk, *, pattern, scale, score_mod):
+        """:meth:`scores` of the chunk's rows against its visible key ``segments``, side by side:
+        ``(s, t)`` with the segments' columns concatenated in order."""
+        parts = [self.scores(q_rows, k[:, :, seg], rows, sq, sk, pattern=pattern, scale=scale,
+                             score_mod=score_mod, cols=seg) for seg in segments]
+        s = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts], axis=-1)
+        if parts[0][1] is None:
+            return s, None
+        return s, (parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts], axis=-1))
+
+    def _each(self, chunks, work, threaded: bool):
+        """Run ``work(rows, segments)`` for every chunk, on the backend's threads when
+        ``threaded`` and there is more than one chunk, and report each chunk's share of the
+        visible pairs to the progress hook."""
+        total = sum((r.stop - r.start) * _width(segs) for r, segs in chunks) or 1
+
+        def one(chunk):
+            rows, segs = chunk
+            if segs:
+                work(rows, segs)
+            self.tick((rows.stop - rows.start) * _width(segs) / total)
+
+        if not threaded or self.threads == 1 or len(chunks) < 2:
+            for c in chunks:
+                one(c)
+            return
+        from threadpoolctl import threadpool_limits
+        with threadpool_limits(limits=1, user_api="blas"), \
+                ThreadPoolExecutor(max_workers=min(self.threads, len(chunks))) as pool:
+            for f in [pool.submit(one, c) for c in chunks]:
+                f.result()
 
     # -- primitives ----------------------------------------------------------------------------
     def attend(self, q, k, v, *, pattern, scale, head_map, score_mod=None, sinks=None, dropout=None):
@@ -123,9 +209,10 @@ class NumpyBackend(Backend):
         k, v = self._input(k[:, head_map], "k"), self._input(v[:, head_map], "v")
         out = np.zeros((b, hq, sq, v.shape[-1]), dtype=work)
         lse = np.full((b, hq, sq), -np.inf, dtype=work)
-        for rows in _row_chunks(b, hq, sq, sk, self.chunk_elements):
-            s, _ = self.scores(q[:, :, rows], k, rows, sq, sk, pattern=pattern, scale=scale,
-                               score_mod=score_mod)
+
+        def chunk(rows, segs):  # a chunk whose queries see no key keeps out 0 and LSE -inf
+            s, _ = self.chunk_scores(q[:, :, rows], k, rows, segs, sq, sk, pattern=pattern,
+                                     scale=scale, score_mod=score_mod)
             m = s.max(axis=-1, keepdims=True)
             m = np.where(np.isfinite(m), m, work(0))  # empty rows: every score is -inf
             e = np.exp(s - m)
@@ -133,11 +220,17 @@ class NumpyBackend(Backend):
             with np.errstate(divide="ignore", invalid="ignore"):
                 p = np.where(l > 0, e / l, work(0))
                 lse[:, :, rows] = np.log(l[..., 0]) + m[..., 0]
-            keep = self.dropout_keep(dropout, b, hq, sq, sk, rows)
+            keep = self.dropout_keep(dropout, b, hq, sq, sk, rows, segs)
             if keep is not None:
                 p = np.where(keep, p * work(dropout.scale), work(0))
-            out[:, :, rows] = self._store(p) @ v  # P as stored before P @ V
-            self.tick(rows.stop - rows.start)
+            p = self._store(p)  # P as stored before P @ V
+            acc = None
+            for seg, part in _locals(segs):
+                pv = p[..., part] @ v[:, :, seg]
+                acc = pv if acc is None else acc + pv
+            out[:, :, rows] = acc
+
+        self._each(visible_segments(pattern, b, hq, sq, sk, self.chunk_elements), chunk, True)
         if sinks is not None:
             out = out * self.sink_factor(lse, sinks.astype(work, copy=False))[..., None]
         return self._result(out), lse.astype(np.float64, copy=False)
@@ -167,31 +260,44 @@ class NumpyBackend(Backend):
         # The softmax normaliser including the sink: P_ij = exp(S_ij - lse_all_i).
         lse_all = lse if sinks is None else np.logaddexp(lse, sinks_w[None, :, None])
         delta = np.sum(dout * out, axis=-1)  # rowsum(dO * O): O is the final output
-        for rows in _row_chunks(b, hq, sq, sk, self.chunk_elements):
-            s, t = self.scores(q[:, :, rows], kh, rows, sq, sk, pattern=pattern, scale=scale,
-                               score_mod=score_mod)
+
+        def chunk(rows, segs):
+            s, t = self.chunk_scores(q[:, :, rows], kh, rows, segs, sq, sk, pattern=pattern,
+                                     scale=scale, score_mod=score_mod)
             l_rows = lse_all[:, :, rows, None]
             p = np.exp(s - np.where(np.isfinite(l_rows), l_rows, work(np.inf)))  # empty rows: P = 0
-            dp = dout[:, :, rows] @ np.swapaxes(vh, -1, -2)
-            keep = self.dropout_keep(dropout, b, hq, sq, sk, rows)
+            dp = np.concatenate([dout[:, :, rows] @ np.swapaxes(vh[:, :, seg], -1, -2)
+                                 for seg in segs], axis=-1)
+            keep = self.dropout_keep(dropout, b, hq, sq, sk, rows, segs)
             p_used = p
             if keep is not None:
                 p_used = np.where(keep, p * work(dropout.scale), work(0))
                 dp = np.where(keep, dp * work(dropout.scale), work(0))
-            dv_h += np.swapaxes(self._store(p_used), -1, -2) @ dout[:, :, rows]
+            p_used = self._store(p_used)
             d_rows = delta[:, :, rows]
             ds = p * (dp - d_rows[..., None])  # gradient w.r.t. the (post-softcap, biased) score
             if dbias is not None:
-                dbias[..., rows if bias.shape[2] > 1 else slice(None), :] += _sum_to(ds, bias.shape)
+                rsel = rows if bias.shape[2] > 1 else slice(None)
+                if bias.shape[3] > 1:
+                    for seg, part in _locals(segs):
+                        dbias[..., rsel, seg] += _sum_to(ds[..., part], bias.shape)
+                else:
+                    dbias[..., rsel, :] += _sum_to(ds, bias.shape)
             if dsinks is not None:
                 p_sink = np.exp(sinks_w[None, :, None] - lse_all[:, :, rows])
-                dsinks -= np.sum(p_sink * d_rows, axis=(0, 2))
+                dsinks[...] -= np.sum(p_sink * d_rows, axis=(0, 2))
             if t is not None:
                 ds = ds * (1 - t * t)
             ds = self._store(ds)  # dS as stored before both products
-            dq[:, :, rows] = work(scale) * (ds @ kh)
-            dk_h += work(scale) * (np.swapaxes(ds, -1, -2) @ q[:, :, rows])
-            self.tick(rows.stop - rows.start)
+            acc = None
+            for seg, part in _locals(segs):
+                dv_h[:, :, seg] += np.swapaxes(p_used[..., part], -1, -2) @ dout[:, :, rows]
+                dk_h[:, :, seg] += work(scale) * (np.swapaxes(ds[..., part], -1, -2) @ q[:, :, rows])
+                dqs = ds[..., part] @ kh[:, :, seg]
+                acc = dqs if acc is None else acc + dqs
+            dq[:, :, rows] = work(scale) * acc
+
+        self._each(visible_segments(pattern, b, hq, sq, sk, self.chunk_elements), chunk, False)
         dk = np.zeros(k.shape, dtype=work)
         dv = np.zeros(v.shape, dtype=work)
         np.add.at(dk, (slice(None), head_map), dk_h)  # GQA: a KV head sums over its query heads

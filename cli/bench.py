@@ -10,7 +10,8 @@ it times the forward and the backward of
 * ``torch``: ``torch.nn.functional.scaled_dot_product_attention`` on CPU tensors (when torch is
   installed), ``is_causal=True`` for ``causal`` and an equivalent boolean ``attn_mask`` for a window;
   its backward is ``torch.autograd.grad`` through SDPA (the forward is not timed), with
-  ``torch.set_num_threads`` equal to numba's thread count.
+  ``torch.set_num_threads`` equal to the numba backend's thread count. Without torch (or with
+  ``--no-torch``) the ``vs torch`` column is empty and a line says why.
 
 Timing: one untimed warm-up call each, then ``--repeats`` rounds that call every implementation in
 turn (interleaved, so a burst of load from elsewhere hits all of them), reporting each one's fastest
@@ -27,7 +28,8 @@ JSON (``--json``; keys may be added, never removed or renamed)::
      "shape": {"B": 1, "H": 8, "N": 4096, "D": 64}, "repeats": 3,
      "rows": [{"dtype": "float64", "mask": "causal", "pass": "forward", "impl": "numba",
                "seconds": 0.31, "gflops": 55.6, "vs_torch": 1.02 | null}, ...],
-     "ratios": [{"dtype": "float64", "pass": "forward", "name": "causal/full", "value": 0.52}, ...]}
+     "ratios": [{"dtype": "float64", "pass": "forward", "name": "causal/full", "value": 0.52}, ...],
+     "torch": null | "not timed: ..."}                       # why there is no vs-torch column
 
 Exit status 0, or 2 for a usage error (one line on stderr).
 """
@@ -157,16 +159,16 @@ def run(shape, *, dtypes, causal="both", window=None, repeats=3, backward=True, 
             import torch  # noqa: F401
         except ImportError:
             pass
-    import numba
+    from refattn.backends.numba_ import NumbaBackend
+    from refattn.backends.numba_.backend import usable_cpus
 
     b, h, n, d = shape
-    if threads is not None:
-        if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
-            raise ParameterError(f"--threads: expected 1 to {numba.config.NUMBA_NUM_THREADS}, got {threads}")
-        numba.set_num_threads(threads)
-    threads = numba.get_num_threads()
-    numba_be = backends.get("numba")
-    numba_be.warm()
+    if threads is not None and not 1 <= threads <= usable_cpus():
+        raise ParameterError(f"--threads: expected 1 to {usable_cpus()} (the CPUs this process may "
+                             f"use), got {threads}")
+    backends.get("numba")  # not installed: the registry's one-line error
+    numba_be = NumbaBackend(threads=threads)
+    threads = numba_be.threads
     rng = np.random.default_rng(0)
     base = {name: rng.standard_normal((b, h, n, d)) for name in ("q", "k", "v", "dout")}
     scale = 1.0 / np.sqrt(d)
@@ -200,9 +202,14 @@ def run(shape, *, dtypes, causal="both", window=None, repeats=3, backward=True, 
                     rows.append({"dtype": dtype, "mask": kind, "pass": pass_, "impl": impl,
                                  "seconds": sec, "gflops": flops[pass_] / sec / 1e9,
                                  "vs_torch": None if t_torch is None else t_torch / sec})
+    torch_note = None
+    if not torch_peer:
+        torch_note = "not timed (--no-torch)"
+    elif not any(r["impl"] == "torch" for r in rows):
+        torch_note = "not timed: PyTorch is not installed (pip install 'refattn[peers]')"
     return {"refattn": __version__, "machine": machine_info(threads, load_before),
             "shape": {"B": b, "H": h, "N": n, "D": d}, "window": window, "repeats": repeats,
-            "rows": rows, "ratios": derived_ratios(rows)}
+            "rows": rows, "ratios": derived_ratios(rows), "torch": torch_note}
 
 
 def derived_ratios(rows) -> list:
@@ -257,6 +264,8 @@ def render(result) -> str:
         vs = "" if r["vs_torch"] is None else f"{r['vs_torch']:.2f}x"
         lines.append(f"{r['dtype']:8} {r['mask']:7} {r['pass']:9} {r['impl']:6} "
                      f"{r['seconds']:9.4f} {r['gflops']:8.1f} {vs:>9}")
+    if result.get("torch"):
+        lines.append(f"vs torch: {result['torch']}")
     if result["ratios"]:
         lines.append("")
         for r in result["ratios"]:
@@ -302,7 +311,7 @@ def parse_bench_shape(text):
 @click.option("--torch/--no-torch", "torch_peer", default=True, show_default=True,
               help="Time PyTorch's CPU SDPA when installed.")
 @click.option("--threads", type=int, default=None, metavar="N",
-              help="Threads for numba and torch alike. Default: numba's default (every core).")
+              help="Threads for the numba backend and torch alike. Default: every CPU this process may use.")
 @click.option("--backend", "backend", type=click.Choice(["numba", "cupy"]), default="numba",
               show_default=True,
               help="numba: CPU kernels vs torch CPU SDPA. cupy: CUDA kernels vs torch CUDA SDPA "

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "golden": "refattn.cli.golden_",
     "bench": "refattn.cli.bench",
     "mask": "refattn.cli.mask",
+    "precompile": "refattn.cli.precompile",
 }
 
 

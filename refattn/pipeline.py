@@ -140,8 +140,9 @@ def run(variant, backend="numpy", inputs: Optional[dict] = None, params=None, *,
     """Run ``variant`` on ``backend``: the outputs, and the gradients for ``dout``.
 
     ``inputs`` maps the variant's input names to arrays; ``params`` is a dict of keyword values
-    (parsed here) or an already parsed parameter dataclass. ``progress(rows)`` is called as query
-    rows complete (backends that report progress); ``rounding`` (a
+    (parsed here) or an already parsed parameter dataclass. ``progress(fraction)`` is called as
+    parts of each primitive call complete, with their share of its work (backends that report
+    progress; see :class:`refattn.backends.base.Backend`); ``rounding`` (a
     :class:`refattn.numerics.Rounding`) makes the numpy backend compute as a low-precision kernel
     does (the same-precision baseline). With ``forward=False`` and ``dout`` only the gradients are
     computed (the outputs dict is then empty).

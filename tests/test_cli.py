@@ -52,7 +52,7 @@ def test_list_table_shows_every_core_variant():
 def test_list_json_is_the_registry():
     result = run("list", "--json", "--family", "core")
     assert result.exit_code == 0
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     by_name = {v["name"]: v for v in data["variants"]}
     assert set(by_name) == {"sdpa", "mha", "mqa", "gqa", "flash"}
     sdpa = by_name["sdpa"]
@@ -98,7 +98,7 @@ def test_param_values_are_parsed_by_the_field_type():
 def compare_json(*args):
     result = run("compare", "--json", *args)
     assert result.exit_code in (0, 1), (result.output, result.stderr)
-    return result.exit_code, json.loads(result.output)
+    return result.exit_code, json.loads(result.stdout)
 
 
 def test_compare_sdpa_prints_a_pass_table():
@@ -256,7 +256,7 @@ def test_compare_float32_compute_dtype_is_checked_against_float64():
                                    "--shape", "1,2,48,16", "--param", "causal=true",
                                    "--param", "compute_dtype=float32", "--json"])
     assert res.exit_code == 0, res.output
-    data = json.loads(res.output)
+    data = json.loads(res.stdout)
     assert data["tolerance"] == problem_mod.FLOAT32_TOLERANCE
     err = data["arrays"]["out"]["normwise_rel"]
     assert 1e-9 < err < problem_mod.FLOAT32_TOLERANCE  # float32 rounding is visible, and bounded
@@ -267,5 +267,5 @@ def test_compare_uses_the_variants_default_shape(name, hkv):
     from refattn import variants
     res = CliRunner().invoke(cli, ["compare", "--variant", name, "--backend", "numpy", "--json"])
     assert res.exit_code == 0, res.output
-    shape = json.loads(res.output)["shape"]
+    shape = json.loads(res.stdout)["shape"]
     assert shape == list(variants.get(name).default_shape) and shape[5] == hkv

@@ -67,7 +67,7 @@ def test_golden_verify_on_the_emulated_kernels(backend, monkeypatch):
     monkeypatch.setitem(backends._instances, "cupy", backend)
     res = CliRunner().invoke(cli, ["golden", "verify", "--backend", "cupy", "--json"])
     assert res.exit_code == 0, res.output[-3000:]
-    rows = json.loads(res.output)["results"]
+    rows = json.loads(res.stdout)["results"]
     statuses = {r["case"]: r["status"] for r in rows if r["backend"] == "cupy"}
     assert statuses and set(statuses.values()) <= {"PASS", "SKIPPED"}
     skipped = {c for c, s in statuses.items() if s == "SKIPPED"}

@@ -591,7 +591,7 @@ def compare_json(*args):
     import json
     res = compare("--json", *args)
     assert res.exit_code in (0, 1), (res.output, res.stderr)
-    return res.exit_code, json.loads(res.output)
+    return res.exit_code, json.loads(res.stdout)
 
 
 def test_compare_moe_topk_prints_pass_and_the_routing_agreement():

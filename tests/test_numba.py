@@ -353,7 +353,7 @@ def test_bench_cli_json():
     res = CliRunner().invoke(cli, ["bench", "--shape", "1,2,40,8", "--window", "5,0", "--repeats", "1",
                                    "--no-torch", "--json"])
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
+    out = json.loads(res.stdout)
     rows = {(r["mask"], r["pass"], r["impl"]): r for r in out["rows"]}
     assert set(rows) == {(m, p, i) for m in ("full", "causal", "window")
                          for p in ("forward", "backward") for i in ("numba", "numpy")}
@@ -364,6 +364,7 @@ def test_bench_cli_json():
         flops = 2 * 4 * 8 * pairs[mask] * (2.5 if pass_ == "backward" else 1.0)
         assert math.isclose(r["gflops"] * 1e9 * r["seconds"], flops, rel_tol=1e-9)
         assert r["vs_torch"] is None
+    assert out["torch"] == "not timed (--no-torch)"  # the empty column says why
     names = {(r["pass"], r["name"]) for r in out["ratios"]}
     assert ("forward", "causal/full") in names and ("forward", "dense causal/window") in names
 

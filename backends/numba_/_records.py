@@ -1,9 +1,9 @@
 """The named records the numba kernels read (plain ``namedtuple`` classes: numba types them as
 named tuples, and functions taking them are cached on disk, unlike jitclasses).
 
-* :class:`Spec` -- everything about one ``attend`` call that is the same for every task: the
-  problem's :class:`Geometry`, the Pattern's :class:`Visibility`, the :class:`ScoreMods`, the
-  :class:`DropoutSpec`, ``scale`` and the ``head_map``;
+* :class:`Spec` -- what every task of one ``attend`` call shares: the problem's
+  :class:`Geometry`, the Pattern's :class:`Visibility`, ``scale`` and the ``head_map``; the
+  :class:`ScoreMods` and :class:`DropoutSpec` records are passed beside it (None when absent);
 * :class:`QueryTile` / :class:`KeyTile` -- the per-task geometry, computed once per task by
   :func:`refattn.backends.numba_._tiles.query_tile` / ``key_tile`` and shared by the forward and
   both backward passes.
@@ -31,7 +31,9 @@ ScoreMods = namedtuple("ScoreMods", ["softcap", "slopes", "alibi", "bias", "has_
 #: dims); kept probabilities are multiplied by ``scale`` = 1 / (1 - p)
 DropoutSpec = namedtuple("DropoutSpec", ["mode", "p", "scale", "seed", "mask"])
 
-Spec = namedtuple("Spec", ["geom", "vis", "mods", "drop", "scale", "head_map"])
+#: what every task of a call shares; the score mods and the dropout travel beside it as separate
+#: arguments, None when absent, so that numba compiles only the code a call needs
+Spec = namedtuple("Spec", ["geom", "vis", "scale", "head_map"])
 
 #: one query tile of one (batch, query head): rows ``i0 .. i0 + rows - 1``, which start at flat row
 #: ``row0`` of the (B*Hq*Sq, D) arrays and read the keys from flat row ``kv0`` of (B*Hkv*Sk, D);

@@ -72,14 +72,6 @@ def scale_into(s, scale, w):
 
 
 @njit(cache=True)
-def is_plain(spec):
-    """No score modification and ``scale > 0``: the kernels then keep the raw product ``q.k`` and
-    fold ``scale`` into the exponent (``max(scale * s) = scale * max(s)`` needs ``scale > 0``)."""
-    m = spec.mods
-    return m.softcap <= 0.0 and m.alibi == 0 and not m.has_bias and spec.scale > 0.0
-
-
-@njit(cache=True)
 def _bcast(n, i):
     return i if n > 1 else 0
 
@@ -236,23 +228,28 @@ def add_into(acc, x):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def score_grads(p, dp, keep, dropping, dscale, delta_rows, pu, ds):
-    """``ds = P * (dP' - delta)``, the gradient w.r.t. the modified score, with
-    ``dP' = where(keep, dP * dscale, 0)``; with dropout ``pu`` receives P as used in ``P @ V``
-    (``where(keep, P * dscale, 0)``). Without dropout ``pu`` is left alone: P itself is used."""
+def score_grads(p, dp, delta_rows, ds):
+    """``ds = P * (dP - delta)``: the gradient w.r.t. the modified score (no dropout)."""
     r, c = p.shape
     for ii in range(r):
         d = delta_rows[ii]
         prow, dprow, dsrow = p[ii], dp[ii], ds[ii]
-        if dropping:
-            krow, purow = keep[ii], pu[ii]
-            for jj in range(c):
-                kp = dscale if krow[jj] else 0.0
-                purow[jj] = prow[jj] * kp
-                dsrow[jj] = prow[jj] * (dprow[jj] * kp - d)
-        else:
-            for jj in range(c):
-                dsrow[jj] = prow[jj] * (dprow[jj] - d)
+        for jj in range(c):
+            dsrow[jj] = prow[jj] * (dprow[jj] - d)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def dropped_score_grads(p, dp, keep, dscale, delta_rows, pu, ds):
+    """With dropout: ``ds = P * (dP' - delta)``, ``dP' = where(keep, dP * dscale, 0)``, and ``pu``
+    receives P as used in ``P @ V`` (``where(keep, P * dscale, 0)``)."""
+    r, c = p.shape
+    for ii in range(r):
+        d = delta_rows[ii]
+        prow, dprow, dsrow, krow, purow = p[ii], dp[ii], ds[ii], keep[ii], pu[ii]
+        for jj in range(c):
+            kp = dscale if krow[jj] else 0.0
+            purow[jj] = prow[jj] * kp
+            dsrow[jj] = prow[jj] * (dprow[jj] * kp - d)
 
 
 @njit(cache=True, fastmath=FASTMATH)

@@ -6,12 +6,16 @@ already materialised (a dense ``mask``/``bias``/``dropout_mask``: the Pattern's 
 ``block_q x block_k`` mask per PARTIAL tile, and a broadcast bias's gradient buffer has the bias's
 own shape, or ``(.., Sqb, n_key_tiles)`` when the bias has no key axis).
 
-* Forward: online softmax (running max ``m`` and sum ``l`` in float64), one parallel task per
-  (batch, query head, query tile).
-* Backward, race-free and without atomics: one pass parallel over key tiles for dK, dV (a KV head
-  sums over the query heads that read it: GQA), one pass parallel over query tiles for dQ; both
-  recompute P per tile from the saved LSE (``P = exp(S - lse)``; with sinks the LSE including the
-  sink).
+* Forward: online softmax (running max ``m`` and sum ``l`` in float64), one task per (batch,
+  query head, query tile).
+* Backward, race-free and without atomics: one pass over key tiles for dK, dV (a KV head sums over
+  the query heads that read it: GQA), one pass over query tiles for dQ; both recompute P per tile
+  from the saved LSE (``P = exp(S - lse)``; with sinks the LSE including the sink).
+* Parallelism: the kernels are ``nogil``; ``threads`` Python threads (default: every CPU this
+  process may use) take small ranges of tasks from a shared counter until none are left, so the
+  costlier late tasks of a causal pattern do not leave a core idle, and the progress hook hears of
+  each range as it completes (in units of the call's non-empty tiles, so a time-left estimate
+  holds).
 * Tile skipping: the Pattern's :meth:`~refattn.patterns.Pattern.tile_plan` (or, for a causal/window
   band alone, :meth:`~refattn.patterns.Pattern.block_layout` plus an analytic per-pair test) says
   which tiles are EMPTY (skipped), FULL (no per-pair test) or PARTIAL; a sliding window costs
@@ -20,25 +24,27 @@ own shape, or ``(.., Sqb, n_key_tiles)`` when the bias has no key axis).
   operands) and out/dq/dk/dv in float32; maxima, exponentials, the softmax statistics (``m``,
   ``l``, LSE) and the output/gradient accumulators are float64. The LSE is returned in float64.
 * Tile products go through ``np.dot`` (SciPy's OpenBLAS) on contiguous blocks; BLAS is pinned to one
-  thread around each kernel call (threadpoolctl, after SciPy's BLAS is loaded), since numba's threads
-  already use every core and a threaded BLAS inside them runs about 2x slower.
+  thread around each kernel call (threadpoolctl, after SciPy's BLAS is loaded), since the backend's
+  threads already use every core and a threaded BLAS inside them runs about 2x slower.
 * Dropout: the same Philox4x64-10 keep-mask as the numpy backend (:mod:`._philox`), or the explicit
   mask. Empty rows: output 0, LSE ``-inf``.
 
-The kernels compile with ``cache=True``; :meth:`NumbaBackend.warm` compiles (or loads) every one of
-them for both dtypes. numba keys its on-disk cache on the source file of the compiled function only:
-after editing ``_tiles.py``, ``_fastexp.py`` or ``_philox.py`` (which ``_kernels.py`` inlines),
-delete ``backends/numba_/__pycache__/*.nbi`` or numba keeps loading the old kernels.
+The kernels compile with ``cache=True``, keyed on every kernel source (:mod:`._cache`), and only
+for what a call needs (no score-modification or Philox code for a plain call). A compile says so on
+stderr, once, with about how long it takes; :meth:`NumbaBackend.warm` (``refattn precompile``)
+compiles everything ahead of time, for CI images and containers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-import numba
 import scipy.linalg.cython_blas  # noqa: F401  numba's np.dot calls this BLAS: load it before threadpoolctl
 from threadpoolctl import ThreadpoolController
 
@@ -48,7 +54,7 @@ from refattn.patterns import EMPTY
 from ..base import Backend
 from . import _cache  # noqa: F401  (before the kernels: their on-disk cache covers every kernel source)
 from . import _kernels
-from ._records import DropoutSpec, Geometry, ScoreMods, Spec, Visibility
+from ._records import DropoutSpec, Geometry, ScoreMods, Visibility
 
 #: threadpoolctl sees only libraries loaded when it looks: SciPy's OpenBLAS is loaded above.
 _BLAS = ThreadpoolController()
@@ -58,10 +64,17 @@ _UNBOUNDED = 1 << 62
 
 @contextlib.contextmanager
 def one_blas_thread():
-    """BLAS pinned to one thread and numba's tasks handed out one at a time (causal tasks differ in
-    cost, so static chunks would leave a core idle)."""
-    with _BLAS.limit(limits=1, user_api="blas"), numba.parallel_chunksize(1):
+    """BLAS pinned to one thread while the backend's threads run the kernels."""
+    with _BLAS.limit(limits=1, user_api="blas"):
         yield
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells, else the CPU count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass
@@ -111,9 +124,14 @@ def _ranges(nonempty):
     return (np.where(any_, first, 0).astype(np.int64), np.where(any_, last, 0).astype(np.int64))
 
 
-def score_mods(score_mod, offset) -> ScoreMods:
-    """The kernels' :class:`ScoreMods` record for a :class:`~refattn.backends.base.ScoreMod`."""
-    if score_mod is None:
+def score_mods(score_mod, offset, scale: float = 1.0):
+    """The kernels' :class:`ScoreMods` record for a :class:`~refattn.backends.base.ScoreMod`, or
+    None for the plain path (no modification and ``scale > 0``: the kernels then compile no
+    score-modification code and fold ``scale`` into the exponent). A non-positive scale without
+    modifications gets an identity record, so it takes the modification path."""
+    if score_mod is None or score_mod.is_identity:
+        if scale > 0:
+            return None
         return ScoreMods(0.0, np.zeros(1), 0, np.zeros((1, 1, 1, 1)), False, offset)
     slopes = np.zeros(1) if score_mod.alibi_slopes is None else np.ascontiguousarray(
         score_mod.alibi_slopes, dtype=np.float64)
@@ -125,11 +143,12 @@ def score_mods(score_mod, offset) -> ScoreMods:
                      offset=offset)
 
 
-def dropout_spec(dropout) -> DropoutSpec:
-    """The kernels' :class:`DropoutSpec` record for a :class:`~refattn.backends.base.Dropout`."""
+def dropout_spec(dropout):
+    """The kernels' :class:`DropoutSpec` record for a :class:`~refattn.backends.base.Dropout`, or
+    None without dropout (the kernels then compile no Philox code)."""
     none = np.zeros((1, 1, 1, 1), np.bool_)
     if dropout is None:
-        return DropoutSpec(0, 0.0, 1.0, np.uint64(0), none)
+        return None
     if dropout.mask is not None:
         return DropoutSpec(2, float(dropout.p), float(dropout.scale), np.uint64(0),
                            np.ascontiguousarray(dropout.mask, dtype=np.bool_))
@@ -141,8 +160,52 @@ def _rows2d(a):
     return np.ascontiguousarray(a).reshape(-1, a.shape[-1])
 
 
-#: with a progress hook, a kernel call is split into this many parts (each a parallel region)
-PROGRESS_PARTS = 64
+#: about how many seconds a cold compile of a kernel takes on a 2-core machine (measured): the
+#: plain forward, and what score modifications and dropout add
+COMPILE_SECONDS = {"forward": 10, "backward_kv": 14, "backward_q": 12}
+_EXTRA_SECONDS = {"mods": 5, "drop": 5}
+_announced = set()
+
+
+def will_compile(kernel, args) -> bool:
+    """Whether calling ``kernel`` on ``args`` compiles: no overload for these types in this process,
+    and none in numba's on-disk cache. (Reads numba's cache index, as numba itself does; when that
+    cannot be read, it says True.)"""
+    try:
+        sig = tuple(kernel.typeof_pyval(a) for a in args)
+    except Exception:  # pragma: no cover - numba cannot type the arguments: it will say so itself
+        return False
+    if sig in kernel.overloads:
+        return False
+    try:
+        cache = kernel._cache
+        return cache._index_key(sig, kernel.targetctx.codegen()) not in cache._cache_file._load_index()
+    except Exception:  # pragma: no cover - numba moved its cache internals
+        return True
+
+
+def announce_compile(kernel, args, dtype, mods, drop, stream=None):
+    """One line on stderr when (and only when) a kernel is about to be compiled: which, and about
+    how long it takes. Once per kernel variant and process."""
+    import sys
+    key = (kernel.py_func.__name__, np.dtype(dtype).name, mods is None, drop is None)
+    if key in _announced or not will_compile(kernel, args):
+        return False
+    _announced.add(key)
+    name = key[0]
+    seconds = COMPILE_SECONDS.get(name, 10) + (0 if mods is None else _EXTRA_SECONDS["mods"]) + (
+        0 if drop is None else _EXTRA_SECONDS["drop"])
+    what = ", ".join(["plain" if mods is None else "score mods"] + ([] if drop is None else ["dropout"]))
+    print(f"refattn: compiling the numba {name} kernel ({key[1]}, {what}) for this machine, about "
+          f"{seconds} s on 2 cores; once: later runs load it from numba's cache "
+          f"(refattn precompile does every kernel ahead of time)", file=stream or sys.stderr,
+          flush=True)
+    return True
+
+
+#: tasks per range handed to a thread: about this many ranges per thread (small ranges balance
+#: the uneven tasks of causal and sparse patterns; a range costs one Python-level call)
+RANGES_PER_THREAD = 16
 
 
 class NumbaBackend(Backend):
@@ -151,39 +214,62 @@ class NumbaBackend(Backend):
     name = "numba"
     compute_dtypes = ("float64", "float32")
 
-    def __init__(self, block_q: int = 64, block_k: int = 64):
+    def __init__(self, block_q: int = 64, block_k: int = 64, threads=None):
         self.block_q, self.block_k = check_int(block_q, "block_q", 1), check_int(block_k, "block_k", 1)
+        self.threads = usable_cpus() if threads is None else check_int(threads, "threads", 1)
 
     @property
     def xp(self):
         return np
 
-    def _spec(self, q, k, plan, scale, head_map, score_mod, dropout) -> Spec:
+    def _records(self, q, k, plan, scale, head_map, score_mod, dropout) -> tuple:
+        """``(geom, vis, mods, drop, scale, head_map)``: what every kernel takes, in that order."""
         b, hq, sq, _ = q.shape
         geom = Geometry(batch=b, hq=hq, hkv=k.shape[1], sq=sq, sk=k.shape[2], block_q=self.block_q,
                         block_k=self.block_k)
-        return Spec(geom=geom, vis=plan.vis, mods=score_mods(score_mod, plan.offset),
-                    drop=dropout_spec(dropout), scale=float(scale),
-                    head_map=np.asarray(head_map, dtype=np.int64))
+        return (geom, plan.vis, score_mods(score_mod, plan.offset, float(scale)),
+                dropout_spec(dropout), float(scale), np.asarray(head_map, dtype=np.int64))
 
     def _plan(self, pattern, q, k):
         return tile_plan(pattern, q.shape[2], k.shape[2], self.block_q, self.block_k)
 
-    def _parts(self, n_tasks: int, work_per_task: np.ndarray):
-        """``[(t_start, t_stop, share of the work)]``: one part without a progress hook, else about
-        :data:`PROGRESS_PARTS` parts, each reported to the hook as its share of the work."""
-        if self.progress is None or n_tasks == 0:
-            return [(0, n_tasks, None)]
+    def _run(self, kernel, args, n_tasks: int, work_per_task: np.ndarray):
+        """Run ``kernel(*args, t_start, t_stop)`` over tasks ``0 .. n_tasks - 1`` on the backend's
+        threads: each takes the next range of tasks from a shared counter until none are left, and
+        reports the range's share of the work (``work_per_task``: non-empty tiles) to the progress
+        hook. One thread runs in the calling thread itself."""
+        if n_tasks == 0:
+            return
+        geom, vis, mods, drop = args[6:10] if kernel is not _kernels.forward else args[5:9]
+        announce_compile(kernel, args + (0, 1), args[0].dtype, mods, drop)
         total = float(work_per_task.sum()) or 1.0
-        edges = np.unique(np.linspace(0, n_tasks, min(n_tasks, PROGRESS_PARTS) + 1).astype(np.int64))
         cum = np.concatenate([[0.0], np.cumsum(work_per_task, dtype=np.float64)])
-        return [(int(a), int(b), (cum[b] - cum[a]) / total) for a, b in zip(edges[:-1], edges[1:])]
+        threads = min(self.threads, n_tasks)
+        step = max(1, n_tasks // (threads * RANGES_PER_THREAD))
+        lock = threading.Lock()
+        state = {"next": 0}
 
-    def _run(self, kernel, args, n_tasks, work_per_task):
-        for start, stop, share in self._parts(n_tasks, work_per_task):
-            kernel(*args, start, stop)
-            if share is not None:
-                self.tick(share)
+        def worker():
+            while True:
+                with lock:
+                    start = state["next"]
+                    state["next"] = start + step
+                if start >= n_tasks:
+                    return
+                stop = min(n_tasks, start + step)
+                kernel(*args, start, stop)
+                if self.progress is not None:
+                    with lock:
+                        self.tick((cum[stop] - cum[start]) / total)
+
+        if threads == 1:
+            worker()
+            return
+        with ThreadPoolExecutor(max_workers=threads - 1) as pool:
+            others = [pool.submit(worker) for _ in range(threads - 1)]
+            worker()
+            for f in others:
+                f.result()
 
     @staticmethod
     def _dtype(q):
@@ -200,9 +286,9 @@ class NumbaBackend(Backend):
         lse = np.full((b, hq, sq), -np.inf)
         if out.size or lse.size:
             plan = self._plan(pattern, q, k)
-            spec = self._spec(q, k, plan, scale, head_map, score_mod, dropout)
+            records = self._records(q, k, plan, scale, head_map, score_mod, dropout)
             args = (_rows2d(q), _rows2d(k.astype(dt, copy=False)), _rows2d(v.astype(dt, copy=False)),
-                    out.reshape(-1, out.shape[-1]), lse.reshape(-1), *spec, plan.tlo, plan.thi)
+                    out.reshape(-1, out.shape[-1]), lse.reshape(-1), *records, plan.tlo, plan.thi)
             with one_blas_thread():
                 self._run(_kernels.forward, args, b * hq * len(plan.tlo), np.tile(plan.work_q, b * hq))
         if sinks is not None:
@@ -231,12 +317,15 @@ class NumbaBackend(Backend):
             delta = np.einsum("bhsd,bhsd->bhs", dout, out, dtype=np.float64)
         nbk = -(-sk // self.block_k)
         per_key = bias is not None and bias.shape[3] > 1
-        dbias = np.zeros((1, 1, 1, 1) if bias is None else
-                         bias.shape[:3] + ((sk,) if per_key else (nbk,)))
+        # the bias-gradient buffer: None without score mods (no such code compiled), a dummy when
+        # there are mods but no bias (one compiled variant for every modified call)
+        plain = (score_mod is None or score_mod.is_identity) and scale > 0
+        dbias = (None if plain else np.zeros((1, 1, 1, 1))
+                 if bias is None else np.zeros(bias.shape[:3] + ((sk,) if per_key else (nbk,))))
         if q.size and k.size:
             plan = self._plan(pattern, q, k)
-            spec = self._spec(q, k, plan, scale, head_map, score_mod, dropout)
-            head_map = spec.head_map
+            records = self._records(q, k, plan, scale, head_map, score_mod, dropout)
+            head_map = records[-1]
             gidx = np.argsort(head_map, kind="stable").astype(np.int64)  # query heads by KV head
             gptr = np.searchsorted(head_map[gidx], np.arange(hkv + 1)).astype(np.int64)
             arrays = (_rows2d(q), _rows2d(k.astype(dt, copy=False)), _rows2d(v.astype(dt, copy=False)),
@@ -248,11 +337,11 @@ class NumbaBackend(Backend):
                 # dK/dV tasks are (key tile, batch, KV head); a part is whole tasks of the outer loop
                 kv_work = np.repeat(plan.work_k, b * hkv // inner) * inner
                 self._run(_kernels.backward_kv,
-                          arrays + (*spec, gptr, gidx, plan.ilo, plan.ihi, dk.reshape(-1, dk.shape[-1]),
+                          arrays + (*records, gptr, gidx, plan.ilo, plan.ihi, dk.reshape(-1, dk.shape[-1]),
                                     dv.reshape(-1, dv.shape[-1]), dbias, per_key, serial),
                           nbk * b * hkv // inner, kv_work)
                 self._run(_kernels.backward_q,
-                          arrays + (*spec, plan.tlo, plan.thi, dq.reshape(-1, dq.shape[-1])),
+                          arrays + (*records, plan.tlo, plan.thi, dq.reshape(-1, dq.shape[-1])),
                           b * hq * len(plan.tlo), np.tile(plan.work_q, b * hq))
         extras = {}
         if bias is not None:
@@ -263,9 +352,12 @@ class NumbaBackend(Backend):
         return dq, dk, dv, extras
 
     # -- compilation -----------------------------------------------------------------------------
-    def warm(self):
-        """Compile (first run) or load from numba's on-disk cache every kernel, for both compute
-        dtypes, so later calls and parallel test workers do not compile. Returns seconds taken."""
+    def warm(self, dtypes=("float64", "float32"), progress=None):
+        """Compile (first run) or load from numba's on-disk cache every kernel variant -- with and
+        without score modifications, with and without dropout -- for ``dtypes``, so later calls and
+        parallel test workers do not compile (``refattn precompile``). ``progress(text)`` hears of
+        each variant. Returns the seconds taken."""
+        import itertools
         import time
 
         from refattn.backends.base import Dropout, ScoreMod
@@ -275,11 +367,13 @@ class NumbaBackend(Backend):
 
         t0 = time.perf_counter()
         rng = np.random.default_rng(0)
-        for dt in (np.float64, np.float32):
+        for dt, mods, drop in itertools.product(dtypes, (False, True), (False, True)):
+            if progress is not None:
+                progress(f"{dt}, score mods {'on' if mods else 'off'}, dropout {'on' if drop else 'off'}")
             q, k, v, dout = (rng.standard_normal((1, 2, 5, 3)).astype(dt) for _ in range(4))
             kw = dict(pattern=Pattern(causal=True), scale=0.5, head_map=np.array([0, 1]),
-                      score_mod=ScoreMod(softcap=2.0, bias=np.zeros((1, 1, 5, 5), dt)),
-                      dropout=Dropout(p=0.1, seed=1))
+                      score_mod=ScoreMod(softcap=2.0, bias=np.zeros((1, 1, 5, 5))) if mods else None,
+                      dropout=Dropout(p=0.1, seed=1) if drop else None)
             out, lse = self.attend(q, k, v, **kw)
             self.attend_backward(q, k, v, out, lse, dout, **kw)
         _philox.uniforms(np.uint64(0), np.zeros(1, np.uint64), np.zeros(1, np.uint64))

@@ -23,14 +23,19 @@ PROGRESS_SCORES = 1 << 24
 
 
 class progress_bar:
-    """A click progress bar on stderr over the query rows, for computations with many scores."""
+    """A click progress bar on stderr for computations with many scores: the backend reports each
+    part's share of a primitive call's work, so the bar and its time-left estimate follow the work
+    done (a variant that calls the primitive more than once fills it on the first call)."""
+
+    UNITS = 1000
 
     def __init__(self, problem: Problem, label: str):
-        self.length = problem.shape[2] if problem.shape else 0
+        self.length = self.UNITS
         self.show = problem.scores >= PROGRESS_SCORES
         self.label = label
         self.bar = None
-        self.done = 0
+        self.done = 0.0
+        self.shown = 0
 
     def __enter__(self):
         if not self.show:
@@ -39,10 +44,12 @@ class progress_bar:
         self.bar.__enter__()
         return self.tick
 
-    def tick(self, rows: int):
-        step = max(0, min(rows, self.length - self.done))  # variants may visit rows more than once
-        self.done += step
-        self.bar.update(step)
+    def tick(self, fraction: float):
+        self.done = min(float(self.length), self.done + fraction * self.length)
+        step = int(self.done) - self.shown
+        if step > 0:
+            self.shown += step
+            self.bar.update(step)
 
     def __exit__(self, *exc):
         if self.bar is not None:
@@ -60,9 +67,13 @@ def grad_names(var) -> dict:
 def run_backend(problem: Problem, name: str, label: str, dout=None, reference: bool = False) -> dict:
     """``{"out", "lse"?, ..., "dq", ...}`` of the problem's variant on backend ``name``."""
     var = problem.variant
+    params = problem.params_for(reference)
     with progress_bar(problem, label) as tick:
-        res = pipeline.run(var, name, dict(problem.inputs), problem.params_for(reference),
-                           dout=dout, progress=tick)
+        res = pipeline.run(var, name, dict(problem.inputs), params, progress=tick)
+    if dout is not None:  # the backward in a bar of its own
+        with progress_bar(problem, f"{label}, backward") as tick:
+            res.grads = pipeline.run(var, name, dict(problem.inputs), params, dout=dout,
+                                     progress=tick, forward=False).grads
     result = {n: np.asarray(a) for n, a in res.outputs.items()}
     if res.grads is not None:
         result.update({g: np.asarray(res.grads[n]) for g, n in grad_names(var).items()
