@@ -18,14 +18,17 @@ with the reason.
                   "status": "PASS" | "FAIL" | "ERROR" | "SKIPPED" | "MISSING" | "TAMPERED"
                             | "CORRUPT" | "STALE" | "ORPHAN",
                   "reason": str | null, "max_abs": float | null, "normwise_rel": float | null,
-                  "tolerance": float | null, "arrays": {"out": METRICS, ...}}, ...],
-     "verdict": "PASS" | "FAIL"}
+                  "tolerance": float | null, "arrays": {"out": METRICS, ...},
+                  "note": null | {"date": ..., "refattn": ..., "note": "...", "cases": {...}}}, ...],
+     "verdict": "PASS" | "FAIL", "notes_error": null | "..."}
 
 with ``METRICS`` as documented in :mod:`refattn.cli.compare`.
 
 ``regen`` recomputes the selected cases with the numpy backend in float64, rewrites their files and
 manifest entries (other entries are kept) and prints, for each case that existed, what moved and by
-how much -- a changed golden file is a reviewed event.
+how much -- a changed golden file is a reviewed event: an existing file that would change needs
+``--note "why"`` (without it nothing is written), and the note, with what moved, is kept in
+``CHANGES.json`` beside the files; ``verify`` prints the latest note of each case it reports.
 """
 
 from __future__ import annotations
@@ -62,16 +65,24 @@ def _cases(glob):
 @case_option
 @click.option("--dir", "where", type=click.Path(file_okay=False), default=None,
               help="Write here instead of the package's golden directory.")
+@click.option("--note", default=None, metavar="TEXT",
+              help="Why the files change (required when an existing file would change; kept in "
+                   "CHANGES.json and shown by verify). Default: none.")
 @one_line_errors
-def regen(case_glob, where):
-    """Recompute cases with numpy in float64; write .npz files and the manifest; print what moved."""
+def regen(case_glob, where, note):
+    """Recompute cases with numpy in float64; write .npz files and the manifest; print what moved.
+    A regen that changes an existing file needs --note (nothing is written without it)."""
     cases = _cases(case_glob)
     target = Path(where) if where else Path(str(golden.directory()))
     try:
-        report = golden.regen(cases, target)
+        report = golden.regen(cases, target, note=note)
     except OSError as exc:
         raise ParameterError(f"--dir: cannot write golden files to {str(target)!r} "
                              f"({exc.strerror or exc})") from None
+    except GoldenError as exc:
+        if str(exc).startswith("note:"):
+            raise ParameterError("--" + str(exc)) from None
+        raise
     for name, status, changes in report:
         if status != "changed":
             click.echo(f"{name}: {status}")
@@ -171,6 +182,24 @@ def verify_all(cases: dict, status: dict, orphans: bool = True) -> list:
     return rows
 
 
+def note_lines(rows) -> list:
+    """The latest note of each reported case, one line per note: ``last change (date, refattn V)
+    of N cases (a, b, ...): text``."""
+    by_note = {}
+    for r in rows:
+        n = r.get("note")
+        if n is not None:
+            by_note.setdefault(id(n), (n, []))
+            if r["case"] not in by_note[id(n)][1]:
+                by_note[id(n)][1].append(r["case"])
+    lines = []
+    for note, cases in by_note.values():
+        named = ", ".join(cases[:4]) + (f" and {len(cases) - 4} more" if len(cases) > 4 else "")
+        lines.append(f"last change ({note.get('date')}, refattn {note.get('refattn')}) of "
+                     f"{len(cases)} case{'s' if len(cases) != 1 else ''} ({named}): {note.get('note')}")
+    return lines
+
+
 def _fmt(x):
     return "-" if x is None else (x if isinstance(x, str) else f"{x:.3g}")
 
@@ -188,11 +217,19 @@ def verify(names, case_glob, as_json):
     status = backend_status(names or backends.names())
     rows = verify_all(cases, status, orphans=case_glob is None)
     overall = "FAIL" if any(r["status"] in BROKEN for r in rows) else "PASS"
+    try:
+        latest = golden.latest_notes()
+    except GoldenError as exc:  # unreadable notes: say so, the verdict stands on the files
+        latest, notes_error = {}, str(exc)
+    else:
+        notes_error = None
+    for r in rows:
+        r["note"] = latest.get(r["case"])
     if as_json:
         click.echo(dumps({"refattn": __version__, "directory": str(golden.directory()),
                           "backends": {n: {"available": ok, "reason": why}
                                        for n, (ok, why) in status.items()},
-                          "results": rows, "verdict": overall}))
+                          "results": rows, "verdict": overall, "notes_error": notes_error}))
     else:
         skipped = {n: why for n, (ok, why) in status.items() if not ok}
         shown = [r for r in rows if not (r["status"] == "SKIPPED" and r["backend"] in skipped)]
@@ -203,6 +240,10 @@ def verify(names, case_glob, as_json):
                          ("case", "backend", "max abs err", "normwise rel err", "tolerance", "verdict")))
         for n, why in skipped.items():
             click.echo(f"skipped backend {n}: {why}")
+        for line in note_lines(rows):
+            click.echo(line)
+        if notes_error:
+            click.echo(f"notes: {notes_error}")
         counts = {s: sum(r["status"] == s for r in rows) for s in ("PASS",) + BROKEN + ("SKIPPED",)}
         click.echo(f"{overall}: " + ", ".join(f"{c} {s}" for s, c in counts.items() if c))
     raise click.exceptions.Exit(EXIT_FAIL if overall == "FAIL" else EXIT_OK)

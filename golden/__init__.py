@@ -24,6 +24,15 @@ Keys: ``input.<name>`` (the variant's inputs), ``param.<name>`` (made array para
 float64 results are bit-for-bit reproducible on the same platform; across platforms they agree to
 the case's tolerance (which ``refattn golden verify`` checks).
 
+Notes
+-----
+A changed golden file is a reviewed event. ``CHANGES.json`` (shipped beside the files) keeps the
+notes: ``{"format": 1, "notes": [{"date": "2026-11-30", "refattn": "0.2.0", "note": "why",
+"cases": {"<case>": ["output.out: max abs 2.2e-16, normwise rel 1.1e-16", ...]}}, ...]}``, oldest
+first. :func:`regen` refuses to change an existing file without a note (nothing is written then),
+records what moved in each case under it, and records new cases too; ``refattn golden verify``
+prints the latest note of each case it reports.
+
 Loading reports a problem as one of :class:`GoldenMissing` (no manifest entry or no file),
 :class:`GoldenTampered` (the file's sha256 differs from the manifest) or :class:`GoldenCorrupt` (the
 file or manifest cannot be read safely, e.g. a pickled array); each has a ``status`` word.
@@ -49,6 +58,7 @@ import numpy as np
 from refattn.errors import GoldenError
 
 MANIFEST = "manifest.json"
+NOTES = "CHANGES.json"
 FORMAT = 1
 #: set (tests, ``regen --dir``) to read and write golden files somewhere else than the package
 _DIRECTORY: Optional[Path] = None
@@ -254,19 +264,22 @@ def moved(old: dict, new: dict) -> list:
     return changes
 
 
-def regen(cases: dict, where=None) -> list:
+def regen(cases: dict, where=None, note: Optional[str] = None) -> list:
     """Rewrite the files of ``cases`` and their manifest entries, keeping every other entry.
 
     Returns ``[(name, status, changes)]`` with status ``new``, ``unchanged`` or ``changed`` and
     ``changes`` as :func:`moved` gives them (a previous file that cannot be read counts as new).
-    The manifest is re-read and replaced atomically under a lock at the end, so regenerating
-    different cases at the same time keeps both.
+    Every case is computed before anything is written: when an existing file would change and
+    ``note`` is empty, a :class:`GoldenError` naming ``note`` says what would move and nothing is
+    written. The note (``"added"`` for new cases without one) is appended to ``CHANGES.json``
+    with what moved. The manifest is re-read and replaced atomically under a lock at the end, so
+    regenerating different cases at the same time keeps both.
     """
     from refattn import __version__
 
     where = Path(where) if where is not None else Path(str(directory()))
     where.mkdir(parents=True, exist_ok=True)
-    report, entries = [], {}
+    report, entries, files = [], {}, {}
     for name, case in cases.items():
         arrays = generate(case)
         data = npz_bytes(arrays)
@@ -277,7 +290,7 @@ def regen(cases: dict, where=None) -> list:
                 old = read_npz(path.read_bytes(), path.name)
             except GoldenCorrupt:
                 old = None
-        _atomic_write(path, data)
+        files[path] = data
         entries[name] = {"file": path.name, "sha256": sha256(data), **case_entry(case),
                          "refattn": __version__, "numpy": np.__version__,
                          "platform": platform_fingerprint()}
@@ -286,6 +299,17 @@ def regen(cases: dict, where=None) -> list:
         else:
             changes = moved(old, arrays)
             report.append((name, "changed" if changes else "unchanged", changes))
+    changed = [(n, c) for n, status, c in report if status == "changed"]
+    note = (note or "").strip()
+    if changed and not note:
+        first = "; ".join(f"{n}: {k} {w}" for n, c in changed[:3] for k, w in c[:1])
+        raise GoldenError(f"note: expected a note saying why {len(changed)} golden file(s) change "
+                          f"(a changed golden file is a reviewed event), got none; what would "
+                          f"move: {first}{' ...' if len(changed) > 3 else ''}; nothing was written")
+    for path, data in files.items():
+        _atomic_write(path, data)
+    recorded = {n: [f"{k}: {w}" for k, w in c] for n, status, c in report if status == "changed"}
+    recorded.update({n: ["added"] for n, status, _ in report if status == "new"})
     with _locked(where):
         try:
             manifest = read_manifest(where)
@@ -293,7 +317,43 @@ def regen(cases: dict, where=None) -> list:
             manifest = {}
         manifest.update(entries)
         write_manifest(manifest, where)
+        if recorded:
+            _add_note(where, note or "added", recorded, __version__)
     return report
+
+
+def read_notes(where=None) -> list:
+    """The notes of ``CHANGES.json`` (module docstring), oldest first; ``[]`` without the file."""
+    entry = (where or directory()) / NOTES
+    if not entry.is_file():
+        return []
+    try:
+        data = json.loads(entry.read_text(encoding="utf-8"))
+        notes = data["notes"]
+        if data.get("format") != FORMAT or not isinstance(notes, list):
+            raise ValueError(f"format {data.get('format')!r}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise GoldenCorrupt(f"{NOTES}: expected refattn golden notes (format {FORMAT}), got an "
+                            f"unreadable file ({exc})") from exc
+    return notes
+
+
+def latest_notes(where=None) -> dict:
+    """``{case: the latest note naming it}`` (each note a dict: date, refattn, note, cases)."""
+    latest = {}
+    for note in read_notes(where):
+        for case in note.get("cases", {}):
+            latest[case] = note
+    return latest
+
+
+def _add_note(where: Path, text: str, cases: dict, version: str):
+    import datetime
+    notes = read_notes(where) if (Path(where) / NOTES).is_file() else []
+    notes.append({"date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+                  "refattn": version, "note": text, "cases": dict(sorted(cases.items()))})
+    text = json.dumps({"format": FORMAT, "notes": notes}, indent=1, sort_keys=True)
+    _atomic_write(Path(where) / NOTES, (text + "\n").encode("utf-8"))
 
 
 def _atomic_write(path: Path, data: bytes):

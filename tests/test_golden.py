@@ -31,8 +31,8 @@ def golden_copy(tmp_path, monkeypatch):
     target = tmp_path / "golden"
     target.mkdir()
     src = golden.directory()
-    for name in list(golden.read_manifest()) + [golden.MANIFEST]:
-        fname = name if name == golden.MANIFEST else f"{name}.npz"
+    for name in list(golden.read_manifest()) + [golden.MANIFEST, golden.NOTES]:
+        fname = name if name in (golden.MANIFEST, golden.NOTES) else f"{name}.npz"
         (target / fname).write_bytes((src / fname).read_bytes())
     monkeypatch.setattr(golden, "_DIRECTORY", target)
     return target
@@ -264,10 +264,31 @@ def test_regen_keeps_other_cases_and_reports_what_moved(tmp_path):
     arrays = golden.read_npz((tmp_path / "core_mqa.npz").read_bytes(), "x")
     arrays["output.out"][0, 0, 0, 0] += 0.5
     (tmp_path / "core_mqa.npz").write_bytes(golden.npz_bytes(arrays))
-    moved = run("golden", "regen", "--case", "core_mqa", "--dir", str(tmp_path)).stdout.splitlines()
+    before = (tmp_path / "core_mqa.npz").read_bytes()
+    # a regen that would change a file needs a note; without one nothing is written
+    refused = CliRunner().invoke(cli, ["golden", "regen", "--case", "core_mqa", "--dir", str(tmp_path)])
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert refused.stderr.startswith("Error: --note: expected a note saying why 1 golden file(s) "
+                                     "change") and "core_mqa: output.out max abs 0.5" in refused.stderr
+    assert (tmp_path / "core_mqa.npz").read_bytes() == before
+    moved = run("golden", "regen", "--case", "core_mqa", "--dir", str(tmp_path), "--note",
+                "restore the tampered output").stdout.splitlines()
     assert moved[0] == "core_mqa: changed"
     assert moved[1].startswith("  output.out: max abs 0.5,")
     assert len(moved) == 3  # that one array, then the summary line
+    notes = golden.read_notes(tmp_path)
+    assert notes[-1]["note"] == "restore the tampered output"
+    assert notes[-1]["cases"]["core_mqa"][0].startswith("output.out: max abs 0.5")
+    assert set(notes[0]["cases"]) == {"core_plain"} and notes[0]["note"] == "added"
+
+
+def test_verify_prints_the_latest_note_of_each_case(golden_copy):
+    assert golden.read_notes(golden_copy), "the shipped files carry their notes"
+    golden._add_note(golden_copy, "a reviewed change of core_plain", {"core_plain": ["x"]}, "9.9")
+    out = run("golden", "verify", "--backend", "numpy", "--case", "core_p*").stdout
+    assert "of 1 case (core_plain): a reviewed change of core_plain" in out
+    code, data = verify_json("--backend", "numpy", "--case", "core_plain")
+    assert data["results"][0]["note"]["note"] == "a reviewed change of core_plain"
 
 
 def test_npz_files_hold_no_objects_and_load_without_pickle():
