@@ -17,6 +17,19 @@ reference and says where it clusters:
   ``attend`` primitive once (every core and Pattern-based variant); otherwise only rows are
   described. Packed (varlen) cases are described by rows only.
 
+**Global explanations come first.** When most rows fail, one key rarely explains anything; the
+account then tests, in this order, the hypotheses of a global bug and names the first that fits
+the output (within the allowed error): the output is all zero or constant; the arrays are in the
+other layout (``bshd`` for ``bhsd``); the causal alignment is flipped (top-left for bottom-right);
+the scale is off by a factor (estimated by a one-dimensional fit of the scale, and recognised as
+``1/D`` or ``1`` for ``1/sqrt(D)``); the softmax is not normalised (each row the reference times a
+factor of its own). For the LSE: base 2 instead of e. Only when none fits, and most rows fail, it
+says that no single key explains them.
+
+**A key is only named when the row could involve it**: a key the row sees, or a hidden key next to
+one it sees (what an off-by-one edge includes). A key far outside the row's visible set is never
+a row's explanation.
+
 The **heat map** is, for the worst ``(b, h)``, the error of each (query row, key block) explained
 by re-weighting that block or one of its keys: ``||e_i|| * max(cos²)``; rows are sampled evenly
 (at most :data:`HEAT_ROWS`) and keys grouped into at most :data:`HEAT_BLOCKS` blocks.
@@ -166,8 +179,18 @@ def block_size(sk: int) -> int:
     return max(16, 1 << max(0, math.ceil(math.log2(max(1, -(-sk // HEAT_BLOCKS))))))
 
 
+def candidate_keys(visible: np.ndarray) -> np.ndarray:
+    """The keys a row's error may be put on: those it sees and the hidden keys next to one it
+    sees (an off-by-one edge); a row that sees nothing has no candidate."""
+    near = visible.copy()
+    near[1:] |= visible[:-1]
+    near[:-1] |= visible[1:]
+    return near
+
+
 def _key_account(call, err_vec, ref, rows_idx, block):
-    """Attribution for rows ``rows_idx`` (list of (b, h, i)): list of dicts."""
+    """Attribution for rows ``rows_idx`` (list of (b, h, i)): list of dicts (a row without a
+    candidate key is left out)."""
     v = call["v"][:, call["head_map"]]
     sq, sk = call["q"].shape[2], call["k"].shape[2]
     pattern = call["pattern"]
@@ -176,10 +199,15 @@ def _key_account(call, err_vec, ref, rows_idx, block):
     for bb, hh, i in rows_idx:
         p = _probabilities(call, slice(i, i + 1), bb, hh)[0]
         key, blk = _explained(err_vec[bb, hh, i], ref[bb, hh, i], v[bb, hh], p, block)
+        m = pattern.mask(sq, sk, slice(i, i + 1))
+        seen = np.broadcast_to(m[min(bb, m.shape[0] - 1), min(hh, m.shape[1] - 1), 0], (sk,))
+        allowed = candidate_keys(seen)
+        if not allowed.any():
+            continue
+        key = np.where(allowed, key, -1.0)
         j = int(np.argmax(key))
         t = int(np.argmax(blk))
-        m = pattern.mask(sq, sk, slice(i, i + 1))
-        vis = m[min(bb, m.shape[0] - 1), min(hh, m.shape[1] - 1), 0, j]
+        vis = seen[j]
         found.append({"row": (int(bb), int(hh), int(i)), "key": j, "key_explained": float(key[j]),
                       "key_relation": relation(j, i, band, bool(vis)), "block": t,
                       "block_keys": (t * block, min(sk, (t + 1) * block) - 1),
@@ -250,7 +278,7 @@ def analyse(actual, reference, threshold: float, *, case: Optional[dict] = None,
     r = np.asarray(reference, dtype=np.float64)
     from .numerics import abs_error
     err = abs_error(a, r)
-    res = {"lines": [], "worst": None, "attribution": [], "heat": None}
+    res = {"lines": [], "worst": None, "attribution": [], "heat": None, "explanations": []}
     if err.size == 0:
         return res
     if err.ndim == 3:  # packed (total, H, Dv): describe (h, row)
@@ -275,6 +303,11 @@ def analyse(actual, reference, threshold: float, *, case: Optional[dict] = None,
         res["lines"].append(f"(key attribution skipped: {pairs} query-key pairs > max_pairs "
                             f"{max_pairs})")
         return res
+    globals_ = global_explanations(a, r, threshold, case, variant, fail)
+    res["explanations"] = globals_
+    if globals_:  # a global error explains the output: no per-key account after it
+        res["lines"] = [g["line"] for g in globals_] + res["lines"]
+        return res
     call = _trace(case, variant)
     if call is None:
         res["lines"].append(f"(no key attribution: variant {variant!r} does not call attend once)")
@@ -289,6 +322,12 @@ def analyse(actual, reference, threshold: float, *, case: Optional[dict] = None,
     found = _key_account(call, diff, r, chosen, block)
     res["attribution"] = found
     res["lines"] += _key_lines(found, sk)
+    most = fail.mean() >= MOST_ROWS
+    if most and not globals_ and not any(f["key_explained"] >= 0.9 for f in found):
+        res["lines"].insert(0, f"{int(fail.sum())} of {fail.size} rows fail and no single key "
+                               f"explains them: a global error, not one misplaced key")
+    if not found:
+        return res
     top = found[0]
     res["worst"].update(index=top["row"] + (top["key"],), relation=top["key_relation"],
                         explained=top["key_explained"], block_keys=top["block_keys"],
@@ -296,6 +335,129 @@ def analyse(actual, reference, threshold: float, *, case: Optional[dict] = None,
     if heat:
         res["heat"] = heat_map(call, diff, r, top["row"][0], top["row"][1], block)
     return res
+
+
+#: "most rows fail": global hypotheses are reported first, and a per-key account alone is not
+#: trusted, from this share of failing rows on
+MOST_ROWS = 0.5
+
+
+def _rerun(case, variant, **changes):
+    """The float64 output of ``variant`` on ``case`` with some parameters changed, or None when
+    that combination is not valid (the hypothesis then does not apply)."""
+    from . import pipeline
+    from .errors import RefattnError
+    from .numerics import split_case
+    try:
+        var = pipeline.variant_of(variant)
+        arrays, params, _ = split_case(var, case)
+        params = {**params, **changes}
+        return np.asarray(pipeline.run(var, "numpy", arrays, params).outputs["out"], np.float64)
+    except (RefattnError, ValueError, TypeError):
+        return None
+
+
+def _fits(a, candidate, threshold) -> bool:
+    return candidate is not None and candidate.shape == a.shape and bool(
+        np.all(np.isfinite(candidate)) and np.max(np.abs(candidate - a), initial=0.0) <= threshold)
+
+
+def _scale_fit(a, case, variant, d):
+    """``(factor, output)`` of the scale that brings the output closest to ``a``: a golden-section
+    search over log(factor) in [1/256, 256] of the normwise error (about 40 evaluations)."""
+    base = case.get("scale") or 1.0 / np.sqrt(d)
+    cache = {}
+
+    def err(x):
+        if x not in cache:
+            out = _rerun(case, variant, scale=float(base * np.exp(x)))
+            cache[x] = (np.inf if out is None or out.shape != a.shape else float(np.linalg.norm(out - a)), out)
+        return cache[x][0]
+
+    lo, hi = np.log(1 / 256), np.log(256)
+    grid = np.linspace(lo, hi, 17)  # a coarse grid first: the error is not unimodal everywhere
+    best = min(grid, key=err)
+    lo, hi = best - (hi - lo) / 16, best + (hi - lo) / 16
+    g = (np.sqrt(5) - 1) / 2
+    x1, x2 = hi - g * (hi - lo), lo + g * (hi - lo)
+    for _ in range(30):
+        if err(x1) < err(x2):
+            hi, x2 = x2, x1
+            x1 = hi - g * (hi - lo)
+        else:
+            lo, x1 = x1, x2
+            x2 = lo + g * (hi - lo)
+    x = min(cache, key=lambda k: cache[k][0])
+    return float(np.exp(x)), cache[x][1]
+
+
+def global_explanations(a, r, threshold, case, variant, fail) -> list:
+    """The global hypotheses of the module docstring that fit the output ``a`` (bhsd, as the case
+    reads it) within ``threshold``: ``[{"name", "line", ...}]`` -- the first that fits only (they
+    are tested in order). Each re-runs the numpy reference with one thing changed."""
+    if fail.mean() < MOST_ROWS or not case:
+        return []
+    if np.all(a == 0):
+        return [{"name": "zero", "line": "the output under test is all zero (nothing written?)"}]
+    if np.all(a == a.reshape(-1)[0]):
+        return [{"name": "constant",
+                 "line": f"the output under test is constant ({a.reshape(-1)[0]:.6g})"}]
+
+    def rerun(**change):
+        out = _rerun(case, variant, **change)
+        return None if out is None or out.size != a.size else _to_bhsd(out, case).reshape(a.shape)
+
+    layout = case.get("layout", "bhsd")
+    other = "bshd" if layout == "bhsd" else "bhsd"
+    if _fits(a, rerun(layout=other), threshold):
+        shape = "(B, S, H, D)" if other == "bshd" else "(B, H, S, D)"
+        return [{"name": "layout", "line": f"the output matches the reference computed with "
+                 f"layout={other!r}: the arrays look like {shape}; pass --param layout={other}"}]
+    causal = case.get("causal", False)
+    if (causal or case.get("window") is not None) and np.shape(case["q"])[-2] != np.shape(case["k"])[-2]:
+        flipped = {"top_left": "bottom_right", "bottom_right": "top_left"}
+        align = causal if isinstance(causal, str) else case.get("alignment", "bottom_right")
+        change = {"causal": flipped[align]} if isinstance(causal, str) else {"alignment": flipped[align]}
+        if _fits(a, rerun(**change), threshold):
+            return [{"name": "alignment", "line": f"the output matches the {flipped[align]} alignment "
+                     f"of the causal diagonal and window; the reference's is {align} (s = Sk - Sq "
+                     f"bottom-right, 0 top-left)"}]
+    d = np.shape(case["q"])[-1]
+    factor, fitted = _scale_fit(a, case, variant, d)
+    fitted = None if fitted is None or fitted.size != a.size else _to_bhsd(fitted, case).reshape(a.shape)
+    if abs(np.log(factor)) > 0.01 and _fits(a, fitted, 2 * threshold):
+        hint = ""
+        if abs(factor * np.sqrt(d) - 1) < 0.02:
+            hint = " -- 1/D instead of 1/sqrt(D)?"
+        elif abs(factor / np.sqrt(d) - 1) < 0.02:
+            hint = " -- no 1/sqrt(D) at all?"
+        return [{"name": "scale", "factor": factor,
+                 "line": f"the scale looks off by a factor of {factor:.4g}: the output matches the "
+                         f"reference with scale x {factor:.4g}{hint}"}]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alpha = np.sum(a * r, axis=-1) / np.sum(r * r, axis=-1)
+    alpha = np.where(np.isfinite(alpha), alpha, 1.0)
+    if np.max(np.abs(r * alpha[..., None] - a)) <= threshold and np.max(np.abs(alpha - 1)) > 0.05:
+        return [{"name": "normalisation",
+                 "line": f"each output row is the reference times a factor of its own (from "
+                         f"{alpha.min():.3g} to {alpha.max():.3g}): the softmax is not normalised "
+                         f"(missing the division by the row sum?)"}]
+    return []
+
+
+def lse_explanations(a, r, threshold) -> list:
+    """``[line]`` when the LSE under test is the reference in another base (2 instead of e, or e
+    instead of 2)."""
+    a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
+    fin = np.isfinite(r) & np.isfinite(a)
+    if not fin.any():
+        return []
+    for factor, text in ((1 / np.log(2), "base 2 (log2 of the row sums), the reference natural log "
+                          "(pass lse_base=2 to compare in base 2)"),
+                         (np.log(2), "natural log, the reference base 2 (lse_base=2 was given)")):
+        if np.max(np.abs(a[fin] - r[fin] * factor)) <= threshold and not np.allclose(a[fin], r[fin]):
+            return [f"the LSE under test is in {text}"]
+    return []
 
 
 def worst_line(worst: Optional[dict]) -> str:

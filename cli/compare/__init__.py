@@ -150,6 +150,12 @@ def compare(problem: Problem, backend: Optional[str], against: str,
                    "default_shape (refattn list --json shows it).")
 @click.option("--seed", type=int, default=None, help="Seed of the made inputs. Default: 0.")
 @param_option
+@click.option("--inputs", metavar="NAME", default=None,
+              help="Input distribution of the made q, k, v (refattn.testing.inputs): normal, large "
+                   "(logits past the dtype's exp range), outliers (LLM-style outlier channels), "
+                   "peaked (near one-hot rows), ties (exact ties), extreme (float64 scores to "
+                   "1e300), or battery (normal, large, outliers, peaked, ties: each must pass). "
+                   "Default: battery with --impl, else normal.")
 @click.option("--impl", "impl_spec", metavar="MODULE:FUNCTION", default=None,
               help="Test this function instead of a backend: my_pkg.kernels:my_attn, file.py:fn or "
                    "module:Class.fn (the current directory is searched). Default: none.")
@@ -196,8 +202,8 @@ def compare(problem: Problem, backend: Optional[str], against: str,
                    "error per (query, key block) (matplotlib). Default: none.")
 @json_option
 @one_line_errors
-def command(variant, backend, against, case, shape, seed, params, impl_spec, adapter, framework,
-            device, lse, backward, outputs, dtype, baseline, grad, factor, atol, timeout,
+def command(variant, backend, against, case, shape, seed, params, inputs, impl_spec, adapter,
+            framework, device, lse, backward, outputs, dtype, baseline, grad, factor, atol, timeout,
             report_path, as_json):
     """Compare a backend, a function (--impl) or saved outputs (--outputs) with the float64
     reference and print the errors and a verdict; on FAIL, the worst (b, h, i, j) and where the
@@ -215,15 +221,60 @@ def command(variant, backend, against, case, shape, seed, params, impl_spec, ada
     if backend is not None:
         backends.get(backend)
     if outputs is not None:
-        problem = problem_from_outputs(variant, outputs, params)
+        if inputs is not None:
+            raise ParameterError(f"--inputs: expected nothing with --outputs (the file holds the "
+                                 f"inputs), got {inputs!r}")
+        runs = [(None, problem_from_outputs(variant, outputs, params))]
     else:
-        problem = build_problem(variant, case, shape, seed, params)
-    oracle = resolve_dtype(oracle, problem, dtype is not None)
+        names = input_names(inputs, oracle, case, variant)
+        runs = [(name, build_problem(variant, case, shape, seed, params, inputs=name,
+                                     dtype=oracle.dtype)) for name in names]
+    oracle = resolve_dtype(oracle, runs[0][1], dtype is not None)
     check_low_options(oracle, baseline=baseline, factor=factor, atol=atol, report=report_path)
-    if oracle.kind == "impl":
-        from refattn import impl
-        impl.load(oracle.impl)  # a bad --impl string is reported before any work
-        round_inputs(problem, oracle)
-    result = compare(problem, backend, against, oracle)
+    results = []
+    for name, problem in runs:
+        if oracle.kind == "impl":
+            from refattn import impl
+            impl.load(oracle.impl)  # a bad --impl string is reported before any work
+            round_inputs(problem, oracle)
+        results.append((name, compare(problem, backend, against, oracle)))
+    result = battery_result(results)
     click.echo(dumps(result) if as_json else render(result))
     raise click.exceptions.Exit(EXIT_OK if result["verdict"] == "PASS" else EXIT_FAIL)
+
+
+def input_names(inputs, o: Oracle, case, variant) -> list:
+    """The input distributions to run (refattn.testing.inputs): ``--inputs NAME`` (or
+    ``battery``); by default the battery for ``--impl`` on q, k, v variants, else ``normal``."""
+    from refattn import variants
+    from refattn.testing.inputs import BATTERY, DISTRIBUTIONS
+    if inputs is not None:
+        if case is not None:
+            raise ParameterError(f"--inputs: expected nothing with --case (the golden case holds "
+                                 f"the inputs), got {inputs!r}")
+        if inputs not in DISTRIBUTIONS + ("battery",):
+            raise ParameterError(f"--inputs: expected one of {', '.join(DISTRIBUTIONS)} or battery, "
+                                 f"got {inputs!r}")
+        if inputs != "normal" and variant is not None and not variants.get(variant).on_qkv:
+            raise ParameterError(f"--inputs: the distributions make q, k, v; variant {variant!r} "
+                                 f"takes {', '.join(variants.get(variant).inputs)}, got {inputs!r}")
+        return list(BATTERY) if inputs == "battery" else [inputs]
+    on_qkv = case is None and variant is not None and variants.get(variant).on_qkv
+    return list(BATTERY) if o.kind == "impl" and on_qkv else ["normal"]
+
+
+def battery_result(results) -> dict:
+    """One result for the runs of several input distributions: the first failing run (else the
+    first inconclusive, else the first) in full, with ``inputs`` naming its distribution and
+    ``battery`` summarising every run; the verdict is FAIL if any failed."""
+    from refattn import numerics
+    verdicts = [r["verdict"] for _, r in results]
+    overall = numerics.overall(verdicts)
+    shown = next(((n, r) for n, r in results if r["verdict"] == overall), results[0])
+    result = dict(shown[1], inputs=shown[0], verdict=overall)
+    if len(results) > 1:
+        result["battery"] = [{"inputs": n, "verdict": r["verdict"],
+                              "max_abs": r["arrays"].get("out", {}).get("max_abs"),
+                              "allowed": r["arrays"].get("out", {}).get("allowed")}
+                             for n, r in results]
+    return result

@@ -102,8 +102,10 @@ class Oracle:
 
 # -- build the case -------------------------------------------------------------------------------
 def build_problem(variant: Optional[str], case: Optional[str], shape: Optional[str], seed: Optional[int],
-                  param_items) -> Problem:
-    """From a golden case (``case``) or from ``Variant.example`` with ``shape`` and ``seed``."""
+                  param_items, inputs: str = "normal", dtype: Optional[str] = None) -> Problem:
+    """From a golden case (``case``) or from ``Variant.example`` with ``shape`` and ``seed``;
+    ``inputs`` other than ``normal`` replaces q, k, v with that distribution of
+    :mod:`refattn.testing.inputs` (drawn from ``seed``; ``dtype`` sets the ``large`` logits)."""
     if case is not None:
         return problem_from_golden(variant, case, shape, seed, param_items)
     if variant is None:
@@ -127,7 +129,15 @@ def build_problem(variant: Optional[str], case: Optional[str], shape: Optional[s
                  f"the inputs, outputs and reference of shape {','.join(map(str, dims))}")
     built = build(Case(name="cli", variant=var.name, shape=dims, seed=seed, params=scalars,
                        arrays=arrays))
-    return Problem(variant=var, params=built.params, inputs=built.inputs, shape=dims, seed=seed,
+    made = dict(built.inputs)
+    if inputs != "normal":
+        from refattn.testing import inputs as dist
+        drawn = dist.make(inputs, dims, np.random.default_rng(seed),
+                          dtype=None if dtype in (None, "fp64") else dtype, scale=built.params.get("scale"))
+        if built.params.get("layout") == "bshd":
+            drawn = {n: np.ascontiguousarray(a.transpose(0, 2, 1, 3)) for n, a in drawn.items()}
+        made.update(drawn)
+    return Problem(variant=var, params=built.params, inputs=made, shape=dims, seed=seed,
                    tolerance=tolerance_for(var, built.params), rng=built.rng)
 
 

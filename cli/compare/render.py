@@ -4,6 +4,9 @@ JSON (``--json``; schema 2, see CHANGELOG.md: keys may be added, none removed or
 schema version)::
 
     {"schema": 2, "refattn": "0.2.0", "variant": "sdpa", "case": null, "golden_file": null,
+     "inputs": "normal" | "large" | ... | null,              # the distribution of the run shown
+     "battery": [{"inputs": "normal", "verdict": "PASS", "max_abs": ..., "allowed": ...}, ...],
+                                                              # only when several ran (--impl)
      "shape": [B, Hq, Sq, Sk, D, Hkv] | null,                  # null: packed (varlen) --outputs
      "seed": 0 | null,
      "params": {"causal": true, "sinks": "array (4,) float64", ...},
@@ -183,9 +186,15 @@ def render(result: dict) -> str:
         lines.append(f"the function under test modified its inputs in place: {', '.join(mutated)} "
                      f"(the reference used refattn's own copies); a kernel must not write into "
                      f"its inputs")
-    if result["verdict"] == "FAIL" and analysis:
-        lines.append(worst_text(analysis.get("worst")))
+    if result["verdict"] != "PASS" and analysis:
+        if analysis.get("worst"):
+            lines.append(worst_text(analysis["worst"]))
         lines += analysis.get("lines", [])
+    if result.get("battery"):
+        runs = ", ".join(f"{b['inputs']} {b['verdict']}" for b in result["battery"])
+        lines.append(f"inputs battery: {runs}; shown above: {result['inputs']}")
+    elif result.get("inputs") not in (None, "normal"):
+        lines.append(f"inputs: {result['inputs']}")
     if result.get("report"):
         lines.append("report: " + ", ".join(result["report"]))
     from .routing import routing_lines

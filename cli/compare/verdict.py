@@ -84,20 +84,32 @@ def index_axes(problem: Problem) -> dict:
 
 
 def explain(problem: Problem, actual: dict, expected: dict, report: dict, heat: bool):
-    """``refattn.report.analyse`` of ``out`` on FAIL (or with ``heat`` for --report); else None."""
-    m = report.get("out")
-    if m is None or "error" in m or (m["pass"] and not heat):
-        return None
-    if problem.variant.family in ("moe", "block"):  # out is (B, S, d) or (T, E), not (b, h, i, d)
-        return None
+    """The account of a failure: ``refattn.report.analyse`` of ``out`` when it fails (or with
+    ``heat`` for --report), and an LSE in the other base when ``lse`` fails; else None."""
     from refattn import report as report_mod
-    ref = np.asarray(expected["out"], dtype=np.float64)
-    if ref.ndim < 3:
-        return None
+    res = None
+    m = report.get("out")
+    if (m is not None and "error" not in m and (not m["pass"] or heat)
+            and problem.variant.family not in ("moe", "block")  # out is (B, S, d) or (T, E)
+            and np.ndim(expected["out"]) >= 3):
+        ref = np.asarray(expected["out"], dtype=np.float64)
+        res = report_mod.analyse(actual["out"], ref, _allowed(m, ref, problem.tolerance),
+                                 case=problem.case_dict if problem.on_qkv else None,
+                                 variant=problem.variant.name, heat=heat)
+    m_lse = report.get("lse")
+    if m_lse is not None and "error" not in m_lse and not m_lse["pass"] and "lse" in actual:
+        lse = np.asarray(expected["lse"], dtype=np.float64)
+        lines = report_mod.lse_explanations(actual["lse"], lse, _allowed(m_lse, lse, problem.tolerance))
+        if lines:
+            res = res or {"lines": [], "worst": None}
+            res["lines"] = lines + res["lines"]
+    return res
+
+
+def _allowed(m: dict, ref, tolerance: float) -> float:
+    """The error a failing entry exceeds: the low-precision allowance, or (float64 rule)
+    ``tolerance * max|reference|``."""
+    if m.get("allowed") is not None:
+        return m["allowed"]
     finite = ref[np.isfinite(ref)]
-    threshold = m.get("allowed")
-    if threshold is None:  # the float64 rule: rows beyond tolerance * max|reference|
-        threshold = problem.tolerance * (float(np.abs(finite).max()) if finite.size else 1.0)
-    return report_mod.analyse(actual["out"], ref, threshold,
-                              case=problem.case_dict if problem.on_qkv else None,
-                              variant=problem.variant.name, heat=heat)
+    return tolerance * (float(np.abs(finite).max()) if finite.size else 1.0)

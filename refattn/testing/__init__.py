@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
+
 from .. import numerics
 from ..errors import ParameterError
 
@@ -69,8 +71,14 @@ def _as_outputs(actual) -> dict:
 def check_attention(actual, *, variant: str = "sdpa", dtype="bf16", factor: Optional[float] = None,
                     atol: Optional[float] = None, baseline: str = "same_precision",
                     backend: str = "numpy", dout=None, analyse: Optional[bool] = None,
-                    **case) -> dict:
+                    round_inputs: bool = True, **case) -> dict:
     """What :func:`assert_attention_close` decides, without raising.
+
+    With a low-precision ``dtype`` the case's float inputs are rounded to it first
+    (``round_inputs=True``, as ``refattn compare --impl`` does): a kernel in that dtype reads those
+    numbers, so the reference is computed on them and the baseline measures only the precision of
+    the computation. Pass ``round_inputs=False`` for a kernel that reads its inputs in higher
+    precision than it computes in.
 
     Returns :func:`refattn.numerics.compare_all`'s result plus ``"message"`` (the table and the
     account of where errors cluster) and ``"analysis"`` (:func:`refattn.report.analyse` of the
@@ -86,6 +94,13 @@ def check_attention(actual, *, variant: str = "sdpa", dtype="bf16", factor: Opti
         raise ParameterError("dout: gradients dq/dk/dv were given; pass the dout they belong to")
     if str(dtype).lower() in FLOAT64_NAMES:
         return _check_float64(outputs, variant, backend, dout if needs_grad else None, case)
+    if round_inputs:
+        from .. import variants
+        inputs = variants.get(variant).inputs
+        case = {n: (numerics.round_to(a, dtype) if n in inputs and np.asarray(a).dtype.kind == "f"
+                    else a) for n, a in case.items()}
+        if dout is not None:
+            dout = numerics.round_to(dout, dtype)
     with _blas_threads(case):
         ref = numerics.reference(case, variant=variant, backend=backend,
                                  dout=dout if needs_grad else None)
@@ -145,7 +160,7 @@ def _check_float64(outputs, variant, backend, dout, case) -> dict:
 def assert_attention_close(actual, *, variant: str = "sdpa", dtype="bf16",
                            factor: Optional[float] = None, atol: Optional[float] = None,
                            baseline: str = "same_precision", backend: str = "numpy", dout=None,
-                           **case):
+                           round_inputs: bool = True, **case):
     """Assert that ``actual`` is as close to the reference as its precision explains.
 
     ``actual``: the output, ``(out, lse)``, or a dict with any of ``out, lse, dq, dk, dv``
@@ -157,7 +172,9 @@ def assert_attention_close(actual, *, variant: str = "sdpa", dtype="bf16",
     override the low-precision rule's defaults; ``baseline="inputs_only"`` selects the weaker
     baseline. Raises ``AssertionError`` with the metrics table on failure.
     """
+    __tracebackhide__ = True  # pytest: show the failure, not this helper's source
     res = check_attention(actual, variant=variant, dtype=dtype, factor=factor, atol=atol,
-                          baseline=baseline, backend=backend, dout=dout, analyse=None, **case)
+                          baseline=baseline, backend=backend, dout=dout, analyse=None,
+                          round_inputs=round_inputs, **case)
     if res["verdict"] != "PASS":
         raise AssertionError("\n" + res["message"])

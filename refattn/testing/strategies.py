@@ -10,8 +10,11 @@ implementation under test and :func:`refattn.testing.assert_attention_close`::
 For the core variants (``sdpa``, ``mha``, ``mqa``, ``gqa``, ``flash``) ``.kwargs`` holds
 
 * ``q (B, Hq, Sq, D)``, ``k (B, Hkv, Sk, D)``, ``v (B, Hkv, Sk, Dv)`` -- float64 numpy arrays from a
-  drawn seed (standard normal; rounded to ``dtype`` when given, so a cast to it is exact), in
-  layout ``bhsd``. ``Sq`` and ``Sk`` are drawn independently in ``[1, max_seq]``; head counts
+  drawn seed and a drawn input distribution of ``inputs`` (:mod:`refattn.testing.inputs`: by
+  default the battery ``normal``, ``large`` logits past the dtype's exp range, ``outliers``
+  channels, ``peaked`` rows and exact ``ties`` -- standard normal inputs alone let a kernel without
+  the max subtraction pass), rounded to ``dtype`` when given (so a cast to it is exact), in layout
+  ``bhsd``. ``Sq`` and ``Sk`` are drawn independently in ``[1, max_seq]``; head counts
   follow the variant (mha: ``Hkv = Hq``; mqa: ``Hkv = 1``; gqa/sdpa: ``Hkv`` divides ``Hq``, so
   GQA groups of every size appear);
 * one key per enabled knob, always present when enabled: ``causal`` (bool), ``alignment``
@@ -20,7 +23,13 @@ For the core variants (``sdpa``, ``mha``, ``mqa``, ``gqa``, ``flash``) ``.kwargs
   rows that see no key at all -- empty rows, whose reference output is 0), and, when asked for,
   ``scale``, ``softcap``, ``alibi_slopes``.
 
-Switch knobs off for an implementation that lacks them (``mask=False``, ...). For any other
+Switch knobs off for an implementation that lacks them (``mask=False``, ...); ``inputs="normal"``
+keeps standard normal inputs only.
+
+A check of a 256-token case takes tens of milliseconds; on a loaded machine Hypothesis' default
+200 ms deadline can still trip. One line turns it off for the test::
+
+    @settings(deadline=None) For any other
 registered variant ``.kwargs`` holds the arrays of the variant's ``example()`` for a drawn shape,
 with default parameters. The case's ``repr`` shows shapes, knobs and the seed, never whole arrays,
 so a shrunk example reads well.
@@ -39,6 +48,8 @@ from ..position import alibi_slopes
 from ..errors import ParameterError
 
 __all__ = ["AttentionCase", "attention_inputs"]
+
+from .inputs import BATTERY, DISTRIBUTIONS
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,7 +100,7 @@ def attention_inputs(variant: str = "sdpa", max_seq: int = 64, *, min_seq: int =
                      max_batch: int = 2, max_heads: int = 4, head_dims=(8, 16, 32, 64),
                      dtype=None, causal: bool = True, alignment: bool = True, window: bool = True,
                      mask: bool = True, scale: bool = False, softcap: bool = False,
-                     alibi: bool = False):
+                     alibi: bool = False, inputs=BATTERY):
     """A strategy of :class:`AttentionCase` for ``variant`` (module docstring). The arguments are
     checked here, when the strategy is built: an unknown variant, ``max_seq < min_seq`` or an
     unknown dtype raise at once."""
@@ -101,13 +112,18 @@ def attention_inputs(variant: str = "sdpa", max_seq: int = 64, *, min_seq: int =
         raise ParameterError(f"head_dims: expected positive integers, got {head_dims!r}")
     head_dims = [V.check_int(d, "head_dims", 1) for d in head_dims]
     name = numerics.canonical(dtype) if dtype is not None else None
+    dists = (inputs,) if isinstance(inputs, str) else tuple(inputs)
+    bad = [d for d in dists if d not in DISTRIBUTIONS or (d == "extreme" and name is not None)]
+    if not dists or bad:
+        raise ParameterError(f"inputs: expected names among {', '.join(DISTRIBUTIONS)} ('extreme' "
+                             f"only without a dtype), got {inputs!r}")
     return _cases(var, variant, max_seq, min_seq, max_batch, max_heads, tuple(head_dims), name,
                   dict(causal=causal, alignment=alignment, window=window, mask=mask, scale=scale,
-                       softcap=softcap, alibi=alibi))
+                       softcap=softcap, alibi=alibi), dists)
 
 
 @st.composite
-def _cases(draw, var, variant, max_seq, min_seq, max_batch, max_heads, head_dims, name, knobs):
+def _cases(draw, var, variant, max_seq, min_seq, max_batch, max_heads, head_dims, name, knobs, dists):
     from ..variants.core import CoreParams
     causal, alignment, window, mask = (knobs[n] for n in ("causal", "alignment", "window", "mask"))
     scale, softcap, alibi = knobs["scale"], knobs["softcap"], knobs["alibi"]
@@ -123,9 +139,9 @@ def _cases(draw, var, variant, max_seq, min_seq, max_batch, max_heads, head_dims
             raise ParameterError(f"variant: {variant!r} has no example() to draw inputs from")
         kwargs = dict(var.example((b, hq, sq, sk, d, hkv), rng, None))
     else:
-        kwargs = {"q": rng.standard_normal((b, hq, sq, d)),
-                  "k": rng.standard_normal((b, hkv, sk, d)),
-                  "v": rng.standard_normal((b, hkv, sk, d))}
+        from .inputs import make
+        dist = draw(st.sampled_from(dists))
+        kwargs = make(dist, (b, hq, sq, sk, d, hkv), rng, dtype=name)
         if causal:
             kwargs["causal"] = draw(st.booleans())
         if alignment:
