@@ -49,7 +49,10 @@ class HFCheck:
     maps each array (``out``, ``dq``, ``dk``, ``dv``, ``dsinks``; MLA: ``dhidden``, ``dw_dkv`` ...)
     to :func:`refattn.numerics.metrics` plus ``verdict``; ``worst`` is :func:`refattn.report.analyse`'s
     worst ``(b, h, i, j)`` of the output (key ``j`` where a key explains the error), ``lines`` its
-    account; ``warnings`` the peer quirks measured on this run; ``message`` all of it as text.
+    account; ``stages`` what the capture shows at each stage where the module departs from the
+    config (the scale and softcap it passes its attention function, the mask it attends with, the
+    RoPE it applied -- each named, with the first offending pair or the pairing that would match);
+    ``warnings`` the peer quirks measured on this run; ``message`` all of it as text.
     """
 
     verdict: str
@@ -59,6 +62,7 @@ class HFCheck:
     worst: Optional[dict] = None
     lines: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    stages: list = field(default_factory=list)
     message: str = ""
 
     @property
@@ -78,6 +82,7 @@ class Run:
     dout: Optional[np.ndarray] = None
     grad_map: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
+    stages: list = field(default_factory=list)
 
 
 # -- inputs -----------------------------------------------------------------------------------------
@@ -211,7 +216,13 @@ def _rope_run(m, spec, rt, x, keep, pos, grad, seed, float64, log, positions_giv
                 raise ParameterError(f"module: its output does not depend on {n[1:]} (captured tensor)")
             actual[n] = _np(g)
     inputs = {"q": _np(q_pre), "k": _np(k_pre), "v": _np(v)}
-    return Run(actual=actual, inputs=inputs, params=params, dout=dout, grad_map=grad_map), rec
+    stages = _stage_scale(call, spec.params["scale"], "head_dim ** -0.5" if "query_pre_attn_scalar"
+                          not in " ".join(spec.notes) else "query_pre_attn_scalar ** -0.5")
+    stages += _stage_softcap(call, spec.params.get("softcap"))
+    stages += _stage_mask(call, spec.params, keep)
+    stages += _stage_rope(call, q_pre, spec.params, pos)
+    return Run(actual=actual, inputs=inputs, params=params, dout=dout, grad_map=grad_map,
+               stages=stages), rec
 
 
 def _mla_weights(m, spec):
@@ -280,7 +291,79 @@ def _mla_run(m, spec, rt, x, keep, pos, grad, seed, float64, log, positions_give
         for n in ("w_dkv", "w_kr", "w_uk", "w_uv", "kv_norm", "w_q", "w_dq", "q_norm", "w_uq"):
             if "d" + n in actual:
                 grad_map["d" + n] = n
-    return Run(actual=actual, inputs=inputs, params=params, dout=dout, grad_map=grad_map), rec
+    from ..variants.kvcache.serving import mla_softmax_scale
+    want = mla_softmax_scale(dn + dr, spec.params.get("scaling"), spec.params.get("max_position_embeddings"))
+    stages = _stage_scale(rec.calls[0], want, "(d_nope + d_rope) ** -0.5 with YaRN's mscale")
+    stages += _stage_mask(rec.calls[0], spec.params, keep)
+    return Run(actual=actual, inputs=inputs, params=params, dout=dout, grad_map=grad_map,
+               stages=stages), rec
+
+
+# -- stages: what the capture shows against the config -----------------------------------------------
+def _stage_scale(call, want: float, how: str) -> list:
+    got = call["kwargs"].get("scaling")
+    if got is None or math.isclose(float(got), want, rel_tol=1e-12):
+        return []
+    return [f"scale: the module passes scaling={float(got)!r} to its attention function; the config "
+            f"gives {want!r} ({how})"]
+
+
+def _stage_softcap(call, want) -> list:
+    got = call["kwargs"].get("softcap")
+    if (got is None and want is None) or (got is not None and want is not None
+                                         and math.isclose(float(got), want, rel_tol=1e-12)):
+        return []
+    return [f"softcap: the module passes softcap={got!r} to its attention function; the config gives "
+            f"{want!r}"]
+
+
+def _stage_mask(call, params, keep) -> list:
+    """The visibility the module attends with (its additive mask) against the config's pattern."""
+    from ..patterns import Pattern
+    from ..report import relation
+    m = call["mask"]
+    q = call["query"]
+    b, _, sq, _ = q.shape
+    sk = call["key"].shape[2]
+    seen = np.ones((b, 1, sq, sk), dtype=bool) if m is None else np.broadcast_to(
+        _np(m) > np.finfo(np.float64).min / 2, (b, 1, sq, sk))
+    pattern = Pattern(causal=bool(params.get("causal")), window=params.get("window"),
+                      alignment="bottom_right", dense=None if keep is None else keep[:, None, None, :])
+    want = np.broadcast_to(pattern.mask(sq, sk), (b, 1, sq, sk))
+    rows = np.ones((b, 1, sq, 1), dtype=bool) if keep is None else keep[:, None, :, None]
+    bad = (seen != want) & rows
+    if not bad.any():
+        return []
+    bb, _, i, j = (int(x) for x in np.argwhere(bad)[0])
+    band = pattern.band(sq, sk)
+    what = ("causal" if params.get("causal") else "no causal mask") + (
+        f", window {params['window']}" if params.get("window") else "") + (", padding" if keep is not None else "")
+    verb = "shows" if seen[bb, 0, i, j] else "hides"
+    return [f"mask: the module's attention mask {verb} key {j} to query {i} (batch {bb}), which the "
+            f"config's pattern ({what}) {'hides' if verb == 'shows' else 'shows'}: key {j} lies "
+            f"{relation(j, i, band, bool(want[bb, 0, i, j]))}; {int(bad.sum())} such (b, i, j) pairs"]
+
+
+def _stage_rope(call, q_pre, params, pos) -> list:
+    """The q the module attends with against RoPE(q before rotation) with the config's parameters."""
+    from ..position import rope
+    got = _np(call["query"])
+    x = _np(q_pre)
+    kw = dict(base=params.get("base"), rotary_dim=params.get("rotary_dim"), scaling=params.get("scaling"),
+              max_position_embeddings=params.get("max_position_embeddings"),
+              seq_len=int(pos.max()) + 1)
+    style = params.get("style", "neox")
+    want = rope(x, pos, style=style, **kw)
+    diff = _normwise(got, want)
+    if diff <= 1e-12:
+        return []
+    other = "gptj" if style == "neox" else "neox"
+    alt = _normwise(got, rope(x, pos, style=other, **kw))
+    if alt <= 1e-12:
+        return [f"RoPE: the module rotates q with {other!r} pairs; the config's model uses {style!r} pairs "
+                f"(normwise difference {diff:.1e})"]
+    return [f"RoPE: the q the module attends with is not RoPE(q) with the config's parameters ({style!r} "
+            f"pairs; normwise difference {diff:.1e}, {alt:.1e} with {other!r} pairs)"]
 
 
 # -- quirks measured on the run ----------------------------------------------------------------------
@@ -420,6 +503,7 @@ def check_module(module, hidden_states, *, attention_mask=None, position_ids=Non
         from .spec import quirk
         found.append(quirk("float32_cast", site="; ".join(sorted(log.sites)), diff="(not measured)"))
     result = _judge(spec, run, keep, tol)
+    result.stages = list(run.stages)
     result.warnings = found
     for w in found:
         warnings.warn(w, QuirkWarning, stacklevel=3)
@@ -471,5 +555,6 @@ def _message(r: HFCheck) -> str:
         if r.worst is not None:
             lines.append(report.worst_line(r.worst))
         lines += r.lines
+    lines += [f"stage {st}" for st in r.stages]
     lines += [f"warning: {w}" for w in r.warnings]
     return "\n".join(lines)

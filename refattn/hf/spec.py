@@ -193,6 +193,9 @@ def _window(config, layer_type, notes, applies):
 
 def _qkv_inputs(config, head_dim, v_dim=None):
     hq, hkv = int(config.num_attention_heads), int(_get(config, "num_key_value_heads") or config.num_attention_heads)
+    if hkv < 1 or hq % hkv:
+        raise ParameterError(f"config.num_key_value_heads: expected a divisor of num_attention_heads ({hq}), "
+                             f"got {hkv}")
     return {"q": f"(B, {hq}, S, {head_dim})", "k": f"(B, {hkv}, S, {head_dim})",
             "v": f"(B, {hkv}, S, {v_dim or head_dim})"}
 
