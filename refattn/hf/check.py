@@ -208,7 +208,9 @@ def _rope_run(m, spec, rt, x, keep, pos, grad, seed, float64, log, positions_giv
         grad_map["dsinks"] = "sinks"
     actual = {"out": _bhsd(out)}
     dout = None
-    if grad:
+    if not grad:
+        grad_map = {}
+    else:
         dout = _dout(actual["out"].shape, seed, keep)
         gs = torch.autograd.grad(out, targets, torch.tensor(dout.transpose(0, 2, 1, 3)), allow_unused=True)
         for n, g in zip(names, gs):

@@ -179,6 +179,15 @@ def _rope_params(rope, head_dim, mpe, notes, where="rope_parameters"):
         out["scaling"] = d
         notes.append(f"RoPE scaling {rtype!r} from config.{where}")
     out["max_position_embeddings"] = int(mpe)
+    from ..position import rope_frequencies
+    try:  # an option refattn's RoPE does not know is an error here, naming the config key
+        rope_frequencies(out.get("rotary_dim", head_dim), base=out["base"], scaling=out.get("scaling"),
+                         max_position_embeddings=out["max_position_embeddings"])
+    except ParameterError as exc:
+        msg = str(exc)
+        if msg.startswith("scaling"):
+            raise ParameterError(f"config.{where}{msg[len('scaling'):]}") from None
+        raise
     return out
 
 
