@@ -69,10 +69,15 @@ def build_layer(config, layer_idx=0, *, seed: int = 0):
     cfg = copy.deepcopy(load_config(config))
     cfg._attn_implementation = "eager"
     family = FAMILY_OF[spec.model_type]
-    if FAMILIES[family][2] == "attention_interface":
+    if spec.model_type == "t5":  # every layer with a table of its own (HF: layer 0's, shared)
+        module = runtime("t5").attention_class()(cfg, has_relative_attention_bias=True,
+                                                 layer_idx=spec.layer_idx)
+    elif FAMILIES[family][2] == "attention_interface":
         module = runtime(spec.model_type).attention_class()(cfg, spec.layer_idx)
     else:
         module = hooks.build(family, cfg, spec.layer_idx)
+    if getattr(module, "config", None) is None:
+        module.config = cfg  # BLOOM's and MPT's attention keep no config; check_module reads it here
     return randomise(module, check_int(seed, "seed", 0))
 
 

@@ -129,13 +129,16 @@ def _positions(position_ids, b, s):
     return p
 
 
-def hf_mask(config, x, keep, window: bool):
+def hf_mask(config, x, keep, window: bool, causal: bool = True):
     """The 4-d additive float64 mask HF's model builds for this layer (its masking utilities, eager)."""
     torch = _torch()
     from transformers import masking_utils as mu
     cfg = copy.copy(config)
     cfg._attn_implementation = "eager"
     am = None if keep is None else torch.tensor(keep.astype(np.int64))
+    if not causal:
+        with torch.no_grad():
+            return mu.create_bidirectional_mask(config=cfg, inputs_embeds=x.detach(), attention_mask=am)
     fn = mu.create_sliding_window_causal_mask if window else mu.create_causal_mask
     with torch.no_grad():
         return fn(config=cfg, inputs_embeds=x.detach(), attention_mask=am, past_key_values=None,
@@ -169,10 +172,10 @@ def _module_run(m, spec, rt, x, keep, pos, float64: bool, log=None):
 
     cfg = m.config
     pe = rope_tables(spec, cfg, pos, rt.rope) if rt.rope else None
-    mask = hf_mask(cfg, x, keep, "window" in spec.params)
+    mask = hf_mask(cfg, x, keep, "window" in spec.params, bool(spec.params.get("causal", True)))
     casts = float64_casts(log) if float64 else contextlib.nullcontext()
     with casts, torch.enable_grad(), interface_capture(m, rt.modeling(), rt.rotary) as rec:
-        kwargs = {"attention_mask": mask}
+        kwargs = {"mask" if spec.variant == "t5" else "attention_mask": mask}
         if pe is not None:
             kwargs["position_embeddings"] = pe
         m(x, **kwargs)
@@ -225,6 +228,31 @@ def _rope_run(m, spec, rt, x, keep, pos, grad, seed, float64, log, positions_giv
     stages += _stage_rope(call, q_pre, spec.params, pos)
     return Run(actual=actual, inputs=inputs, params=params, dout=dout, grad_map=grad_map,
                stages=stages), rec
+
+
+def _t5_run(m, spec, rt, x, keep, pos, grad, seed, float64, log, positions_given):
+    torch = _torch()
+    if not getattr(m, "has_relative_attention_bias", False):
+        raise ParameterError("module: this T5Attention has no relative_attention_bias (HF gives layers > 0 "
+                             "layer 0's position bias); check the stack's layer 0, or a module built with "
+                             "has_relative_attention_bias=True")
+    rec = _module_run(m, spec, rt, x, keep, pos, float64, log)
+    call = rec.calls[0]
+    table = m.relative_attention_bias.weight
+    params = dict(spec.params)
+    if keep is not None:
+        params["mask"] = keep[:, None, None, :]
+    actual = {"out": _bhsd(call["out"])}
+    q, k, v = call["query"], call["key"], call["value"]
+    dout, grad_map = None, {}
+    if grad:
+        dout = _dout(actual["out"].shape, seed, keep)
+        gs = torch.autograd.grad(call["out"], [q, k, v, table], torch.tensor(dout.transpose(0, 2, 1, 3)))
+        actual.update(dq=_np(gs[0]), dk=_np(gs[1]), dv=_np(gs[2]), dtable=_np(gs[3]))
+        grad_map = {"dq": "q", "dk": "k", "dv": "v", "dtable": "table"}
+    inputs = {"q": _np(q), "k": _np(k), "v": _np(v), "table": _np(table)}
+    stages = _stage_scale(call, 1.0, "T5: 1") + _stage_mask(call, spec.params, keep)
+    return Run(actual=actual, inputs=inputs, params=params, dout=dout, grad_map=grad_map, stages=stages), rec
 
 
 def _mla_weights(m, spec):
@@ -428,13 +456,13 @@ def _rope_table_quirk(m, spec, pos):
 
 
 # -- the public function ----------------------------------------------------------------------------
-def _model_type(module):
+def _model_type(module, config=None):
     from .spec import FAMILY_OF
-    cfg = getattr(module, "config", None)
+    cfg = getattr(module, "config", None) if config is None else config
     mt = getattr(cfg, "model_type", None)
     if mt is None or not hasattr(module, "forward"):
-        raise ParameterError(f"module: expected a transformers attention module (with .config), got "
-                             f"{type(module).__name__}")
+        raise ParameterError(f"module: expected a transformers attention module with .config (or pass "
+                             f"config=), got {type(module).__name__}")
     if mt not in FAMILY_OF:
         raise ParameterError(f"module: model type {mt!r} is not supported by refattn.hf; supported: "
                              f"{', '.join(sorted(FAMILY_OF))}")
@@ -442,7 +470,7 @@ def _model_type(module):
 
 
 def check_module(module, hidden_states, *, attention_mask=None, position_ids=None, layer_idx=None,
-                 grad: bool = True, seed: int = 0, tolerance: float = 1e-10, keep_float64: bool = True,
+                 config=None, grad: bool = True, seed: int = 0, tolerance: float = 1e-10, keep_float64: bool = True,
                  quirks: bool = True) -> HFCheck:
     """Run an HF attention module in float64 eager mode and compare it with the oracle.
 
@@ -451,6 +479,8 @@ def check_module(module, hidden_states, *, attention_mask=None, position_ids=Non
     ``hidden_states (B, S, hidden_size)`` (numpy or torch). ``attention_mask (B, S)``: 1 = token,
     0 = padding (module docstring). ``position_ids (B, S)`` or ``(S,)``: RoPE positions (default
     ``0 .. S-1``). ``layer_idx``: the layer of the config (default ``module.layer_idx``).
+    ``config``: the model's config, for modules that do not keep one (BLOOM's, MPT's attention;
+    default ``module.config``).
     ``grad``: also compare the input gradients for an upstream gradient drawn from ``seed``.
     ``tolerance``: the normwise relative error allowed per array (default 1e-10).
     ``keep_float64``: patch HF's float32 casts while the module runs (:mod:`refattn.hf.float64`);
@@ -465,17 +495,20 @@ def check_module(module, hidden_states, *, attention_mask=None, position_ids=Non
     from .float64 import CastLog
     from .spec import FAMILIES, FAMILY_OF, attention_spec
 
-    mt = _model_type(module)
+    mt = _model_type(module, config)
+    config = module.config if config is None else config
     V.check_bool(grad, "grad")
     V.check_bool(keep_float64, "keep_float64")
     V.check_bool(quirks, "quirks")
     seed = V.check_int(seed, "seed", 0)
     tol = numerics._check_number(tolerance, "tolerance")
     idx = getattr(module, "layer_idx", None) if layer_idx is None else layer_idx
-    spec = attention_spec(module.config, 0 if idx is None else idx)
+    spec = attention_spec(config, 0 if idx is None else idx)
     if not isinstance(module, torch.nn.Module):
         raise ParameterError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
     m = copy.deepcopy(module).double().eval()
+    if getattr(m, "config", None) is not config:
+        m.config = copy.deepcopy(config)
     for p in m.parameters():
         p.requires_grad_(True)
     x = _hidden(hidden_states, torch)
@@ -490,7 +523,7 @@ def check_module(module, hidden_states, *, attention_mask=None, position_ids=Non
     family = FAMILY_OF[mt]
     if FAMILIES[family][2] == "attention_interface":
         rt = RUNTIME[mt]
-        runner = _mla_run if spec.variant == "mla" else _rope_run
+        runner = {"mla": _mla_run, "t5": _t5_run}.get(spec.variant, _rope_run)
         run, _ = runner(m, spec, rt, x, keep, pos, grad, seed, keep_float64, log, position_ids is not None)
     else:
         rt = None
@@ -503,7 +536,11 @@ def check_module(module, hidden_states, *, attention_mask=None, position_ids=Non
             found += _rope_table_quirk(m, spec, pos)
     elif quirks and log is not None and log.sites:
         from .spec import quirk
-        found.append(quirk("float32_cast", site="; ".join(sorted(log.sites)), diff="(not measured)"))
+        raw = hooks.run(family, m, spec, x, keep, pos, grad=False, seed=seed, float64=False, log=None,
+                        positions_given=position_ids is not None).actual["out"]
+        rows = True if keep is None else keep[:, None, :, None]
+        diff = _normwise(np.where(rows, raw, 0.0), np.where(rows, run.actual["out"], 0.0))
+        found.append(quirk("float32_cast", site="; ".join(sorted(log.sites)), diff=f"{diff:.1e}"))
     result = _judge(spec, run, keep, tol)
     result.stages = list(run.stages)
     result.warnings = found

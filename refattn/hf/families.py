@@ -51,6 +51,7 @@ RUNTIME = {
                         rotary_class="GPTNeoXRotaryEmbedding"),
     "deepseek_v2": Runtime(_M + "deepseek_v2.modeling_deepseek_v2", "DeepseekV2Attention", rope="complex",
                            rotary=("apply_rotary_emb",), rotary_class="DeepseekV2RotaryEmbedding"),
+    "t5": Runtime(_M + "t5.modeling_t5", "T5Attention", rope=None, rotary=()),
     "deepseek_v3": Runtime(_M + "deepseek_v3.modeling_deepseek_v3", "DeepseekV3Attention",
                            rotary=("apply_rotary_pos_emb", "apply_rotary_pos_emb_interleave"),
                            rotary_class="DeepseekV3RotaryEmbedding"),

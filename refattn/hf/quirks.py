@@ -62,6 +62,16 @@ QUIRKS = {
         "what": "the sdpa attention function ignores the sinks (s_aux=module.sinks) that the eager function "
                 "adds to the softmax denominator",
     },
+    "alibi_slopes_lowp": {
+        "model": "{model}", "seen_in": "5.23.0",
+        "what": "the ALiBi slopes are built in {dtype}: they differ from float64 slopes by {diff} (max abs); "
+                "check_module passes float64 ALiBi to the module",
+    },
+    "mpt_ignored": {
+        "model": "MPT", "seen_in": "5.23.0",
+        "what": "config.attn_config.{option}={value} is not implemented by HF's MptAttention/MptModel; the "
+                "spec follows the code",
+    },
     "falcon_alibi_twice": {
         "model": "Falcon (alibi=True), eager path", "seen_in": "5.23.0",
         "what": "{site}",

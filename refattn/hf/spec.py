@@ -309,12 +309,32 @@ def _deepseek(config, layer_idx, model_type):
                 warnings=warnings)
 
 
+def _t5(config, layer_idx, model_type):
+    """T5's self-attention of the stack ``config.is_decoder`` selects (encoder: bidirectional buckets,
+    no causal mask; decoder: unidirectional buckets, causal), scale 1, the relative-position table
+    from the module (``relative_attention_bias.weight``; HF shares layer 0's with every layer)."""
+    h, dkv = int(config.num_heads), int(config.d_kv)
+    dec = bool(config.is_decoder)
+    if dec and layer_idx >= int(config.num_decoder_layers):
+        raise ParameterError(f"layer_idx: expected a decoder layer in [0, {config.num_decoder_layers - 1}], "
+                             f"got {layer_idx}")
+    params = {"causal": dec, "scale": 1.0, "bidirectional": not dec,
+              "num_buckets": int(config.relative_attention_num_buckets),
+              "max_distance": int(config.relative_attention_max_distance)}
+    notes = [f"config.is_decoder={dec}: the {'decoder' if dec else 'encoder'} self-attention "
+             f"({'causal, unidirectional' if dec else 'bidirectional'} buckets); scale 1 (T5 has no 1/sqrt(d))"]
+    inputs = {"q": f"(B, {h}, S, {dkv})", "k": f"(B, {h}, S, {dkv})", "v": f"(B, {h}, S, {dkv})",
+              "table": f"({params['num_buckets']}, {h}) = relative_attention_bias.weight (layer 0's)"}
+    return dict(variant="t5", params=params, inputs=inputs, notes=notes)
+
+
 #: family name -> (model types, spec builder, capture)
 FAMILIES = {
     "llama": (("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt_oss", "phi3"),
               _rope_family, "attention_interface"),
     "gpt_neox": (("gpt_neox",), _neox, "attention_interface"),
     "deepseek": (("deepseek_v2", "deepseek_v3"), _deepseek, "attention_interface"),
+    "t5": (("t5",), _t5, "attention_interface"),
 }
 FAMILY_OF = {mt: name for name, (types, _, _) in FAMILIES.items() for mt in types}
 
@@ -363,7 +383,8 @@ def quirk(key, **values) -> str:
     """The warning text of quirk ``key`` of :data:`refattn.hf.quirks.QUIRKS`, with its values."""
     from .quirks import QUIRKS
     q = QUIRKS[key]
-    return f"{q['model']}: {q['what'].format(**values)} (seen in transformers {q['seen_in']})"
+    return (f"{q['model'].format(**values)}: {q['what'].format(**values)} (seen in transformers "
+            f"{q['seen_in']})")
 
 
 def default_scale(head_dim: int) -> float:

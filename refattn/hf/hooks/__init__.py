@@ -15,7 +15,7 @@ import importlib
 from ...errors import ParameterError
 
 #: family name -> hook module (imported on first use of refattn.hf)
-HOOKS = {}
+HOOKS = {"gptj": "gptj", "bloom": "bloom", "falcon": "falcon", "mpt": "mpt"}
 _loaded = False
 
 
