@@ -104,9 +104,10 @@ def load_config(config):
             d.pop(drop, None)
         try:
             return transformers.AutoConfig.for_model(mt, **d)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise ParameterError(f"config: transformers {transformers.__version__} refused this "
-                                 f"{mt} config: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 -- HF's strict validators raise their own classes
+            text = " ".join(str(exc).split())
+            raise ParameterError(f"config: transformers {transformers.__version__} refused this {mt} "
+                                 f"config: {text}") from None
     if not hasattr(config, "model_type") or not hasattr(config, "to_dict"):
         raise ParameterError(f"config: expected a transformers config or a config.json dict, got "
                              f"{type(config).__name__}")

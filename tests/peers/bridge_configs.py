@@ -51,5 +51,26 @@ CONFIGS = {
                     (0,)),
 }
 
-#: (family name, layer) pairs
+#: the families that compute attention inline (per-model hooks) or, T5, with a position bias
+HOOKED = {
+    "gptj": (dict(model_type="gptj", n_embd=H, n_head=4, n_layer=2, rotary_dim=4, n_positions=64, vocab_size=16), (1,)),
+    "bloom": (dict(model_type="bloom", hidden_size=64, n_head=16, n_layer=2, vocab_size=16), (0,)),
+    "falcon_rope_mqa": (dict(model_type="falcon", hidden_size=H, num_attention_heads=4, num_hidden_layers=2,
+                             vocab_size=16, multi_query=True, rope_theta=500.0), (1,)),
+    "falcon_new_arch": (dict(model_type="falcon", hidden_size=H, num_attention_heads=4, num_kv_heads=2,
+                             num_hidden_layers=2, vocab_size=16, new_decoder_architecture=True), (0,)),
+    "falcon_alibi": (dict(model_type="falcon", hidden_size=H, num_attention_heads=4, num_hidden_layers=2,
+                          vocab_size=16, alibi=True, multi_query=False), (0,)),
+    "mpt": (dict(model_type="mpt", d_model=36, n_heads=6, n_layers=2, vocab_size=16, max_seq_len=64,
+                 attn_config={"clip_qkv": 0.8, "softmax_scale": 0.3}), (1,)),
+    "t5_encoder": (dict(model_type="t5", d_model=H, d_kv=8, num_heads=4, num_layers=2, d_ff=16, vocab_size=16,
+                        relative_attention_num_buckets=8, relative_attention_max_distance=6), (1,)),
+    "t5_decoder": (dict(model_type="t5", d_model=H, d_kv=8, num_heads=4, num_layers=2, d_ff=16, vocab_size=16,
+                        is_decoder=True, relative_attention_num_buckets=8, relative_attention_max_distance=6),
+                   (0,)),
+}
+
+#: (family name, layer) pairs of the attention-interface families
 CASES = [(name, layer) for name, (_, layers) in CONFIGS.items() for layer in layers]
+HOOKED_CASES = [(name, layer) for name, (_, layers) in HOOKED.items() for layer in layers]
+ALL = {**CONFIGS, **HOOKED}

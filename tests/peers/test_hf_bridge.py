@@ -35,7 +35,7 @@ from refattn import hf  # noqa: E402
 from refattn.errors import ParameterError, ShapeError  # noqa: E402
 from refattn.position import rope_frequencies  # noqa: E402
 
-from .bridge_configs import CASES, CONFIGS, H  # noqa: E402
+from .bridge_configs import CASES, CONFIGS, H, HOOKED, HOOKED_CASES  # noqa: E402
 from .hf_float64 import keep_float64, normwise, np64  # noqa: E402
 
 pytestmark = [pytest.mark.peers, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -377,3 +377,117 @@ def test_quirks_measured():
     r4 = hf.check_module(hf.build_layer(dict(CONFIGS["deepseek_v3"][0], rms_norm_eps=1e-5), 0, seed=1),
                          np.random.default_rng(0).standard_normal((1, 6, H)), grad=False)
     assert r4.passed and any("eps=config.rms_norm_eps (1e-05)" in w for w in r4.warnings)
+
+
+# -- the per-model hooks: GPT-J, BLOOM, Falcon, MPT; T5 ------------------------------------------------
+def _width(cfg):
+    return cfg.get("hidden_size", cfg.get("n_embd", cfg.get("d_model")))
+
+
+@pytest.mark.parametrize("name, layer", HOOKED_CASES)
+def test_check_module_passes_hooked_families(name, layer):
+    cfg, _ = HOOKED[name]
+    m = hf.build_layer(cfg, layer, seed=1)
+    res = hf.check_module(m, np.random.default_rng(0).standard_normal((B, S, _width(cfg))),
+                          attention_mask=padding().astype(np.int64))
+    assert res.verdict == "PASS", res.message
+    assert {"out", "dq", "dk", "dv"} <= set(res.results)
+    assert all(r["normwise_rel"] <= TOL for r in res.results.values())
+
+
+def _alibi_rows(slopes, keep):
+    p = (np.cumsum(keep, -1) - 1) * keep  # BLOOM/Falcon count key positions over the tokens
+    return slopes[None, :, None] * p[:, None, :]
+
+
+@pytest.mark.parametrize("name", sorted(HOOKED))
+def test_hooked_spec_reproduces_the_module_forward(f64, name):
+    """Written out per family: q, k, v from the module's fused projection (its own reshape helpers
+    only), refattn's variant with the spec's parameters, the module's output projection; the HF side
+    runs the whole module with inputs built here."""
+    cfg, (layer, *_) = HOOKED[name]
+    spec = hf.attention_spec(cfg, layer)
+    m = hf.build_layer(cfg, layer, seed=2)
+    d = _width(cfg)
+    keep = padding()
+    rows = torch.tensor(keep[:, :, None].astype(np.float64))
+    x = torch.tensor(np.random.default_rng(5).standard_normal((B, S, d)))
+    mask = mask4(keep) if spec.params.get("causal") else torch.tensor(
+        np.where(keep[:, None, None, :], 0.0, np.finfo(np.float64).min))
+    params = dict(spec.params, mask=keep[:, None, None, :])
+    mt = spec.model_type
+    with torch.no_grad():
+        if mt == "gptj":
+            inv, _ = rope_frequencies(cfg["rotary_dim"], base=10000.0)
+            ang = np.arange(64)[:, None] * inv
+            m.embed_positions = torch.tensor(np.concatenate([np.sin(ang), np.cos(ang)], 1))
+            y = m(x, attention_mask=mask, position_ids=torch.arange(S)[None].repeat(B, 1))[0]
+            q, k, v = (getattr(m, f"{n}_proj")(x).view(B, S, 4, -1).transpose(1, 2) for n in "qkv")
+            out_proj = m.out_proj
+        elif mt == "bloom":
+            alibi = torch.tensor(_alibi_rows(spec.params["alibi_slopes"], keep).reshape(B * 16, 1, S))
+            y = m(x, torch.zeros_like(x), alibi, mask)[0]
+            q, k, v = m._reshape(m.query_key_value(x))
+            out_proj = m.dense
+        elif mt == "falcon":
+            kw = {}
+            alibi = None
+            if spec.variant == "alibi":
+                slopes = spec.params["alibi_slopes"] * math.sqrt(m.head_dim)
+                alibi = torch.tensor(_alibi_rows(slopes, keep).reshape(B * 4, 1, S))
+            else:
+                kw["position_embeddings"] = tables(spec, m, "concat")
+            y = m(x, alibi, mask, **kw)[0]
+            q, k, v = (t.transpose(1, 2) for t in m._split_heads(m.query_key_value(x)))
+            out_proj = m.dense
+        elif mt == "mpt":
+            slopes = spec.params["alibi_slopes"]
+            bias = torch.tensor(slopes[:, None, None] * (np.arange(S) - (S - 1)))
+            y = m(x, bias, attention_mask=mask < -1)[0]
+            qkv = m.Wqkv(x).clamp(-m.clip_qkv, m.clip_qkv)
+            q, k, v = (t.reshape(B, S, 6, -1).transpose(1, 2) for t in qkv.chunk(3, dim=2))
+            out_proj = m.out_proj
+        else:  # t5
+            y = m(x, mask=mask)[0]
+            q, k, v = (getattr(m, n)(x).view(B, S, 4, -1).transpose(1, 2) for n in "qkv")
+            params["table"] = np64(m.relative_attention_bias.weight)
+            out_proj = m.o
+        out = refattn.attention(np64(q), np64(k), np64(v), variant=spec.variant, **params)
+        y2 = out_proj(torch.tensor(out.transpose(0, 2, 1, 3).reshape(B, S, -1)))
+    assert normwise(np64(y2 * rows), np64(y * rows)) <= TOL
+
+
+def test_hooked_quirks():
+    x = np.random.default_rng(0).standard_normal((1, 6, H))
+    falcon = hf.check_module(hf.build_layer(HOOKED["falcon_alibi"][0], 0, seed=1), x, grad=False)
+    assert falcon.passed and any("ALiBi counted twice" in w for w in falcon.warnings)
+    mpt_cfg = dict(HOOKED["mpt"][0], attn_config={"alibi": False, "qk_ln": True, "alibi_bias_max": 4})
+    spec = hf.attention_spec(mpt_cfg, 0)
+    assert [w.split(": ", 1)[1].split(" is not")[0] for w in spec.warnings] == [
+        "config.attn_config.alibi=False", "config.attn_config.qk_ln=True", "config.attn_config.alibi_bias_max=4"]
+    bloom = hf.check_module(hf.build_layer(HOOKED["bloom"][0], 0, seed=1),
+                            np.random.default_rng(0).standard_normal((1, 6, 64)), grad=False)
+    assert any("ALiBi slopes are built in float32" in w for w in bloom.warnings)  # 16 heads: 2**-0.5 ...
+    gptj = hf.check_module(hf.build_layer(HOOKED["gptj"][0], 0, seed=1), x, grad=False)
+    assert any("(_attn: .to(torch.float32))" in w for w in gptj.warnings)
+
+
+def test_hooked_errors():
+    with pytest.raises(ParameterError, match="^config: transformers 5.23.0 refused this gptj config: .*rotary_dim"):
+        hf.attention_spec(dict(HOOKED["gptj"][0], rotary_dim=None), 0)
+    m = hf.build_layer(HOOKED["bloom"][0], 0, seed=1)
+    gap = np.ones((1, 6), dtype=np.int64)
+    gap[0, 2] = 0
+    with pytest.raises(ParameterError, match="^attention_mask: BLOOM counts ALiBi positions over the tokens"):
+        hf.check_module(m, np.random.default_rng(0).standard_normal((1, 6, 64)), attention_mask=gap)
+    from transformers.models.t5.modeling_t5 import T5Attention
+    cfg = hf.spec.load_config(HOOKED["t5_encoder"][0])
+    t5 = T5Attention(cfg, has_relative_attention_bias=False, layer_idx=1)
+    with pytest.raises(ParameterError, match="^module: this T5Attention has no relative_attention_bias"):
+        hf.check_module(t5, np.random.default_rng(0).standard_normal((1, 6, H)))
+    bare = hf.build_layer(HOOKED["mpt"][0], 0, seed=0)
+    del bare.config
+    with pytest.raises(ParameterError, match=r"^module: expected a transformers attention module with .config"):
+        hf.check_module(bare, np.zeros((1, 4, 36)))
+    assert hf.check_module(bare, np.random.default_rng(0).standard_normal((1, 4, 36)),
+                           config=hf.spec.load_config(HOOKED["mpt"][0]), layer_idx=0, grad=False).passed
