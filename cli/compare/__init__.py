@@ -77,6 +77,7 @@ from .render import SCHEMA, describe_params, render, write_report
 from .routing import routing_report
 from .run import run_baseline, run_reference, run_under_test
 from .verdict import RULE, RULE_LOW, explain, index_axes, metrics, verdict, verdict_low
+from .flex import flex_option
 from .hf import hf_options
 
 
@@ -188,11 +189,12 @@ def compare(problem: Problem, backend: Optional[str], against: str,
               help="Also write a report with the table, the error account and a heat map of the "
                    "error per (query, key block) (matplotlib). Default: none.")
 @hf_options
+@flex_option
 @json_option
 @one_line_errors
 def command(variant, backend, against, case, shape, seed, params, impl_spec, adapter, framework,
             device, lse, backward, outputs, dtype, baseline, grad, factor, atol, report_path,
-            as_json, hf_config=None, hf_layer=None, hf_seq=None, hf_tolerance=None):
+            as_json, hf_config=None, hf_layer=None, hf_seq=None, hf_tolerance=None, flex_spec=None):
     """Compare a backend, a function (--impl) or saved outputs (--outputs) with the float64
     reference and print the errors and a verdict; on FAIL, the worst (b, h, i, j) and where the
     errors cluster. With --hf-config: one layer of a transformers model (refattn.cli.compare.hf).
@@ -208,6 +210,9 @@ def command(variant, backend, against, case, shape, seed, params, impl_spec, ada
                              outputs=outputs, dtype=dtype, backend=backend, adapter=adapter))
         click.echo(dumps(result) if as_json else render_hf(result))
         raise click.exceptions.Exit(EXIT_OK if result["verdict"] == "PASS" else EXIT_FAIL)
+    if flex_spec is not None:
+        from .flex import apply_flex
+        variant, params = apply_flex(flex_spec, variant, params)
     oracle = oracle_options(impl=impl_spec, adapter=adapter, framework=framework, device=device,
                             lse=lse, backward=backward, outputs=outputs, dtype=dtype,
                             baseline=baseline, factor=factor, atol=atol, grad=grad,
