@@ -470,7 +470,7 @@ def _model_type(module, config=None):
 
 
 def check_module(module, hidden_states, *, attention_mask=None, position_ids=None, layer_idx=None,
-                 config=None, grad: bool = True, seed: int = 0, tolerance: float = 1e-10, keep_float64: bool = True,
+                 config=None, global_mask=None, grad: bool = True, seed: int = 0, tolerance: float = 1e-10, keep_float64: bool = True,
                  quirks: bool = True) -> HFCheck:
     """Run an HF attention module in float64 eager mode and compare it with the oracle.
 
@@ -480,7 +480,7 @@ def check_module(module, hidden_states, *, attention_mask=None, position_ids=Non
     0 = padding (module docstring). ``position_ids (B, S)`` or ``(S,)``: RoPE positions (default
     ``0 .. S-1``). ``layer_idx``: the layer of the config (default ``module.layer_idx``).
     ``config``: the model's config, for modules that do not keep one (BLOOM's, MPT's attention;
-    default ``module.config``).
+    default ``module.config``). ``global_mask (B, S)`` bool: Longformer's global tokens.
     ``grad``: also compare the input gradients for an upstream gradient drawn from ``seed``.
     ``tolerance``: the normwise relative error allowed per array (default 1e-10).
     ``keep_float64``: patch HF's float32 casts while the module runs (:mod:`refattn.hf.float64`);
@@ -502,7 +502,10 @@ def check_module(module, hidden_states, *, attention_mask=None, position_ids=Non
     V.check_bool(quirks, "quirks")
     seed = V.check_int(seed, "seed", 0)
     tol = numerics._check_number(tolerance, "tolerance")
-    idx = getattr(module, "layer_idx", None) if layer_idx is None else layer_idx
+    idx = layer_idx
+    if idx is None:  # HF's attribute (Longformer calls it layer_id)
+        idx = getattr(module, "layer_idx", None)
+        idx = getattr(module, "layer_id", None) if idx is None else idx
     spec = attention_spec(config, 0 if idx is None else idx)
     if not isinstance(module, torch.nn.Module):
         raise ParameterError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
@@ -521,14 +524,17 @@ def check_module(module, hidden_states, *, attention_mask=None, position_ids=Non
     pos = _positions(position_ids, b, s)
     log = CastLog() if keep_float64 else None
     family = FAMILY_OF[mt]
+    if global_mask is not None and family != "longformer":
+        raise ParameterError(f"global_mask: only for longformer modules, got a {mt} module")
     if FAMILIES[family][2] == "attention_interface":
         rt = RUNTIME[mt]
         runner = {"mla": _mla_run, "t5": _t5_run}.get(spec.variant, _rope_run)
         run, _ = runner(m, spec, rt, x, keep, pos, grad, seed, keep_float64, log, position_ids is not None)
     else:
         rt = None
+        extra = {} if global_mask is None else {"global_mask": global_mask}
         run = hooks.run(family, m, spec, x, keep, pos, grad=grad, seed=seed, float64=keep_float64, log=log,
-                        positions_given=position_ids is not None)
+                        positions_given=position_ids is not None, **extra)
     found = list(spec.warnings) + list(run.warnings)
     if quirks and rt is not None:
         found += _interface_quirks(m, spec, rt, x, keep, pos, None, run.actual["out"], log, tol)
@@ -537,7 +543,7 @@ def check_module(module, hidden_states, *, attention_mask=None, position_ids=Non
     elif quirks and log is not None and log.sites:
         from .spec import quirk
         raw = hooks.run(family, m, spec, x, keep, pos, grad=False, seed=seed, float64=False, log=None,
-                        positions_given=position_ids is not None).actual["out"]
+                        positions_given=position_ids is not None, **extra).actual["out"]
         rows = True if keep is None else keep[:, None, :, None]
         diff = _normwise(np.where(rows, raw, 0.0), np.where(rows, run.actual["out"], 0.0))
         found.append(quirk("float32_cast", site="; ".join(sorted(log.sites)), diff=f"{diff:.1e}"))

@@ -72,6 +72,11 @@ QUIRKS = {
         "what": "config.attn_config.{option}={value} is not implemented by HF's MptAttention/MptModel; the "
                 "spec follows the code",
     },
+    "bigbird_eval_table": {
+        "model": "BigBirdBlockSparseAttention", "seen_in": "5.23.0",
+        "what": "in eval mode HF draws no random blocks (an all-zero table: block 0, already global, counted "
+                "again); check_module runs the copy in training mode with dropout off to draw them",
+    },
     "falcon_alibi_twice": {
         "model": "Falcon (alibi=True), eager path", "seen_in": "5.23.0",
         "what": "{site}",

@@ -70,7 +70,18 @@ HOOKED = {
                    (0,)),
 }
 
+#: the sparse families: (config, layer, sequence length) -- Longformer needs S a multiple of its window,
+#: BigBird S a multiple of block_size above (5 + 2r) * block_size; neither takes padding here
+SPARSE = {
+    "longformer": (dict(model_type="longformer", hidden_size=16, num_attention_heads=2, num_hidden_layers=2,
+                        attention_window=[4, 8], intermediate_size=8, vocab_size=16), 1, 16),
+    "big_bird": (dict(model_type="big_bird", hidden_size=16, num_attention_heads=2, num_hidden_layers=2,
+                      block_size=2, num_random_blocks=1, intermediate_size=8, vocab_size=16,
+                      attention_type="block_sparse"), 0, 16),
+}
+
 #: (family name, layer) pairs of the attention-interface families
 CASES = [(name, layer) for name, (_, layers) in CONFIGS.items() for layer in layers]
 HOOKED_CASES = [(name, layer) for name, (_, layers) in HOOKED.items() for layer in layers]
-ALL = {**CONFIGS, **HOOKED}
+ALL = {**CONFIGS, **HOOKED, **{n: (c, (layer,)) for n, (c, layer, _) in SPARSE.items()}}
+ALL_CASES = CASES + HOOKED_CASES + [(n, layer) for n, (_, layer, _) in SPARSE.items()]

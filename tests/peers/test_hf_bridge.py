@@ -35,7 +35,7 @@ from refattn import hf  # noqa: E402
 from refattn.errors import ParameterError, ShapeError  # noqa: E402
 from refattn.position import rope_frequencies  # noqa: E402
 
-from .bridge_configs import CASES, CONFIGS, H, HOOKED, HOOKED_CASES  # noqa: E402
+from .bridge_configs import CASES, CONFIGS, H, HOOKED, HOOKED_CASES, SPARSE  # noqa: E402
 from .hf_float64 import keep_float64, normwise, np64  # noqa: E402
 
 pytestmark = [pytest.mark.peers, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -491,3 +491,80 @@ def test_hooked_errors():
         hf.check_module(bare, np.zeros((1, 4, 36)))
     assert hf.check_module(bare, np.random.default_rng(0).standard_normal((1, 4, 36)),
                            config=hf.spec.load_config(HOOKED["mpt"][0]), layer_idx=0, grad=False).passed
+
+
+# -- the sparse hooks: Longformer (global tokens) and BigBird (random blocks) ------------------------------
+def _sparse(name, seed=0):
+    cfg, layer, s = SPARSE[name]
+    m = hf.build_layer(cfg, layer, seed=1)
+    return cfg, layer, m, torch.tensor(np.random.default_rng(seed).standard_normal((B, s, cfg["hidden_size"])))
+
+
+def _globals(s):
+    g = np.zeros((B, s), dtype=bool)
+    g[0, [0, 5, s - 1]] = True
+    g[1, 3] = True
+    return g
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE))
+def test_check_module_passes_sparse_families(name):
+    cfg, layer, m, x = _sparse(name)
+    kw = {"global_mask": _globals(x.shape[1])} if name == "longformer" else {}
+    res = hf.check_module(m, x, **kw)
+    assert res.verdict == "PASS", res.message
+    want = {"out", "dq", "dk", "dv"} | ({"dq_global", "dk_global", "dv_global"} if kw else set())
+    assert set(res.results) == want and all(r["normwise_rel"] <= TOL for r in res.results.values())
+
+
+def test_sparse_spec_reproduces_the_module_forward(f64):
+    """Longformer: the module with global tokens against the spec's longformer; BigBird: the module in
+    training mode (random blocks drawn) against the spec's bigbird given HF's table, captured at
+    ``torch_gather_b2`` (as tests/peers/test_hf_bigbird.py does)."""
+    cfg, layer, m, x = _sparse("longformer")
+    spec = hf.attention_spec(cfg, layer)
+    s = x.shape[1]
+    g = _globals(s)
+    mask = torch.tensor(g * 10000.0)
+    with torch.no_grad():
+        y = m(x, attention_mask=mask, is_index_masked=mask < 0, is_index_global_attn=mask > 0,
+              is_global_attn=True)[0]
+        proj = {n: np64(getattr(m, n)(x).view(B, s, 2, -1).transpose(1, 2))
+                for n in ("query", "key", "value", "query_global", "key_global", "value_global")}
+    out = refattn.attention(proj["query"], proj["key"], proj["value"], variant="longformer", global_mask=g,
+                            q_global=proj["query_global"], k_global=proj["key_global"],
+                            v_global=proj["value_global"], **spec.params)
+    assert normwise(out.transpose(0, 2, 1, 3).reshape(B, s, -1), np64(y)) <= TOL
+
+    cfg, layer, m, x = _sparse("big_bird", seed=1)
+    spec = hf.attention_spec(cfg, layer)
+    s = x.shape[1]
+    m.train()
+    tables = []
+    orig = m.torch_gather_b2
+    m.torch_gather_b2 = lambda params, indices: (tables.append(indices.clone()), orig(params, indices))[1]
+    from transformers.models.big_bird.modeling_big_bird import BigBirdModel
+    blocked, band, fm, tm = BigBirdModel.create_masks_for_block_sparse_attn(torch.ones(B, s, dtype=torch.float64), 2)
+    with torch.no_grad():
+        y = m(x, band_mask=band, from_mask=fm, to_mask=tm, from_blocked_mask=blocked, to_blocked_mask=blocked)[0]
+        q, k, v = (np64(getattr(m, n)(x).view(B, s, 2, -1).transpose(1, 2)) for n in ("query", "key", "value"))
+    out = refattn.attention(q, k, v, variant="bigbird", rand_attn=np64(tables[0][0]).astype(np.int64), **spec.params)
+    assert normwise(out.transpose(0, 2, 1, 3).reshape(B, s, -1), np64(y)) <= TOL
+
+
+def test_sparse_errors():
+    cfg, layer, m, x = _sparse("longformer")
+    with pytest.raises(ShapeError, match="^hidden_states: longformer needs S a multiple of attention_window 8"):
+        hf.check_module(m, x[:, :12])
+    with pytest.raises(ParameterError, match="^attention_mask: padding is not supported for longformer"):
+        hf.check_module(m, x, attention_mask=np.ones((B, 16), dtype=np.int64) - np.eye(B, 16, dtype=np.int64))
+    with pytest.raises(ParameterError, match="^layer_idx: layer 0 of the config has attention_window 4, the module 8"):
+        hf.check_module(m, x, layer_idx=0)
+    with pytest.raises(ParameterError, match="^global_mask: only for longformer modules"):
+        hf.check_module(hf.build_layer(CONFIGS["llama"][0], 0), np.zeros((1, 4, H)), global_mask=np.ones((1, 4), bool))
+    cfg, layer, m, x = _sparse("big_bird")
+    with pytest.raises(ShapeError, match=r"^hidden_states: BigBird's block-sparse attention needs S .* got S=14"):
+        hf.check_module(m, x[:, :14])
+    with pytest.raises(ParameterError, match="^config.attention_type: 'original_full' is not supported"):
+        hf.attention_spec(dict(cfg, attention_type="original_full"), 0)
+    assert any("in eval mode HF draws no random blocks" in w for w in hf.check_module(m, x, grad=False).warnings)

@@ -15,7 +15,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from refattn.cli.main import cli  # noqa: E402
 
-from .bridge_configs import ALL, CASES, CONFIGS, HOOKED_CASES  # noqa: E402
+from .bridge_configs import ALL, ALL_CASES, CONFIGS  # noqa: E402
 
 pytestmark = [pytest.mark.peers, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -26,10 +26,10 @@ def write(tmp_path, config):
     return str(path)
 
 
-@pytest.mark.parametrize("name, layer", CASES + HOOKED_CASES)
+@pytest.mark.parametrize("name, layer", ALL_CASES)
 def test_each_family_passes(tmp_path, name, layer):
     path = write(tmp_path, ALL[name][0])
-    r = CliRunner().invoke(cli, ["compare", "--hf-config", path, "--layer", str(layer), "--seq", "7", "--grad",
+    r = CliRunner().invoke(cli, ["compare", "--hf-config", path, "--layer", str(layer), "--seq", "16", "--grad",
                                  "--json"])
     assert r.exit_code == 0, r.output
     rec = json.loads(r.stdout)

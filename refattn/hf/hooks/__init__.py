@@ -15,7 +15,8 @@ import importlib
 from ...errors import ParameterError
 
 #: family name -> hook module (imported on first use of refattn.hf)
-HOOKS = {"gptj": "gptj", "bloom": "bloom", "falcon": "falcon", "mpt": "mpt"}
+HOOKS = {"gptj": "gptj", "bloom": "bloom", "falcon": "falcon", "mpt": "mpt", "longformer": "longformer",
+         "big_bird": "bigbird"}
 _loaded = False
 
 
