@@ -97,6 +97,13 @@ def test_flex_variant_equals_the_declarative_knobs(mods, knobs):
             np.testing.assert_allclose(a, b, atol=1e-12, rtol=0)
 
 
+def test_an_extra_mask_is_intersected_with_the_mask_mod():
+    q, k, v = (RNG.standard_normal((2, 2, 9, 4)) for _ in range(3))
+    extra = RNG.random((2, 1, 9, 9)) < 0.7
+    got = refattn.attention(q, k, v, variant="flex", mask_mod=M.causal, mask=extra, block_size=4)
+    np.testing.assert_allclose(got, refattn.attention(q, k, v, causal=True, mask=extra), atol=1e-13, rtol=0)
+
+
 def test_module_strings_and_numba():
     q, k, v = (RNG.standard_normal((1, 2, 33, 8)) for _ in range(3))
     a = refattn.attention(q, k, v, variant="flex", mask_mod="flex_mods:sliding", score_mod="flex_mods:alibi")

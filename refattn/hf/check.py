@@ -470,8 +470,8 @@ def _model_type(module, config=None):
 
 
 def check_module(module, hidden_states, *, attention_mask=None, position_ids=None, layer_idx=None,
-                 config=None, global_mask=None, grad: bool = True, seed: int = 0, tolerance: float = 1e-10, keep_float64: bool = True,
-                 quirks: bool = True) -> HFCheck:
+                 config=None, global_mask=None, grad: bool = True, seed: int = 0, tolerance: float = 1e-10,
+                 keep_float64: bool = True, quirks: bool = True) -> HFCheck:
     """Run an HF attention module in float64 eager mode and compare it with the oracle.
 
     ``module``: an attention module of a supported family (``LlamaAttention``, ``DeepseekV3Attention``,

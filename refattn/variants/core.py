@@ -340,7 +340,7 @@ class FlexParams(CoreParams):
     block_size: int = param_field(128, "tile size of the block-by-block mask_mod evaluation")
 
 
-_FLEX_DROP = ("causal", "alignment", "window", "mask", "bias", "softcap", "alibi_slopes", "alibi_form",
+_FLEX_DROP = ("causal", "alignment", "window", "bias", "softcap", "alibi_slopes", "alibi_form",
               "sinks", "dropout_p", "dropout_seed", "dropout_mask")
 
 
@@ -351,9 +351,10 @@ def _flex_prepare(backend, arrays, p: FlexParams):
     pre = prepare(backend, arrays, p)
     b, hq, sq, _ = pre.q.shape
     sk = pre.k.shape[2]
-    pattern = pre.pattern
+    pattern = pre.pattern  # a boolean mask= (optional) is intersected with the mask_mod
     if p.mask_mod is not None:
-        pattern = flex.pattern_from_mask_mod(p.mask_mod, b, hq, sq, sk, block_size=p.block_size)
+        mm = flex.pattern_from_mask_mod(p.mask_mod, b, hq, sq, sk, block_size=p.block_size)
+        pattern = mm if pattern.dense is None else pattern & mm
     deriv, mod = None, None
     if p.score_mod is not None:
         q, k = backend.to_numpy(pre.q), backend.to_numpy(pre.k)[:, pre.head_map]

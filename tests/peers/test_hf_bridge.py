@@ -249,7 +249,8 @@ def test_gemma3_softcap_in_the_config_is_not_applied_and_warned():
 
 
 @pytest.mark.parametrize("cfg, match", [
-    (dict(model_type="bert", hidden_size=32, num_attention_heads=4), r"^config\['model_type'\]: 'bert' is not supported"),
+    (dict(model_type="bert", hidden_size=32, num_attention_heads=4),
+     r"^config\['model_type'\]: 'bert' is not supported"),
     (dict(CONFIGS["llama"][0], rope_scalng={"factor": 2.0}), r"^config\['rope_scalng'\]: not a field of LlamaConfig"),
     (dict(CONFIGS["gemma3"][0], use_bidirectional_attention=True), r"^config.use_bidirectional_attention"),
     (dict(CONFIGS["qwen2"][0], layer_types=["full_attention", "chunked_attention"] * 2),
