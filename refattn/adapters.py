@@ -247,6 +247,11 @@ class FlexMods:
     keep: np.ndarray
     additive: Optional[np.ndarray]
     softcap: Optional[float]
+    #: the ``flex`` variant: the user's own mask_mod / score_mod (callables), passed on as they are,
+    #: and ``(B, H)`` for ``create_block_mask``
+    mask_mod: Optional[object] = None
+    score_mod: Optional[object] = None
+    batch_heads: Optional[tuple] = None
 
 
 def _torch_style(arrays, params, adapter, refused):
@@ -299,9 +304,16 @@ def _sdpa_call(arrays, params):
 
 
 def _flex_call(arrays, params, want_lse):
+    params = dict(params)
+    own = {n: params.pop(n) for n in ("mask_mod", "score_mod", "block_size") if n in params}
     p, pre, args, kw, keep, additive, to_case = _torch_style(
         arrays, params, "flex", ("sinks", "dropout_p", "dropout_mask"))
     kw["score_mod"] = FlexMods(keep, additive, p.softcap and pre.score_mod.softcap)
+    if own.get("mask_mod") is not None or own.get("score_mod") is not None:  # the flex variant
+        from .flex import resolve
+        kw["score_mod"] = FlexMods(keep, None, None, mask_mod=resolve(own.get("mask_mod"), "mask_mod"),
+                                   score_mod=resolve(own.get("score_mod"), "score_mod"),
+                                   batch_heads=tuple(pre.q.shape[:2]))
     if want_lse:
         kw["return_lse"] = True
     return SignatureCall(args, kw, _unpacker(to_case, want_lse), to_case, to_case,

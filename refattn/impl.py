@@ -125,6 +125,11 @@ def _flex(mods: FlexMods, dtype, device):
 
     keep = torch.from_dlpack(np.ascontiguousarray(mods.keep)).to(device or "cpu")
     kb, kh, sq, sk = keep.shape
+    if mods.batch_heads is not None:  # the flex variant: the user's own mods, as they are
+        block_mask = None
+        if mods.mask_mod is not None:
+            block_mask = create_block_mask(mods.mask_mod, *mods.batch_heads, sq, sk, device=device or "cpu")
+        return mods.score_mod, block_mask
 
     def mask_mod(b, h, i, j):
         return keep[b if kb > 1 else 0, h if kh > 1 else 0, i, j]
@@ -191,8 +196,8 @@ def _convert_call(sc, framework, dtype, device):
             raise ParameterError("adapter: 'flex' passes torch score_mod/block_mask; use "
                                  "framework='torch'")
         score_mod, block_mask = _flex(mods, dtype, device)
-        kwargs.update(block_mask=block_mask, **({} if score_mod is None else
-                                                {"score_mod": score_mod}))
+        kwargs.update(**({} if block_mask is None else {"block_mask": block_mask}),
+                      **({} if score_mod is None else {"score_mod": score_mod}))
         if kwargs.get("return_lse"):  # newer torch: return_aux=AuxRequest(lse=True)
             try:
                 from torch.nn.attention.flex_attention import AuxRequest

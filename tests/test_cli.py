@@ -54,7 +54,7 @@ def test_list_json_is_the_registry():
     assert result.exit_code == 0
     data = json.loads(result.stdout)
     by_name = {v["name"]: v for v in data["variants"]}
-    assert set(by_name) == {"sdpa", "mha", "mqa", "gqa", "flash"}
+    assert set(by_name) == {"sdpa", "mha", "mqa", "gqa", "flash", "flex"}
     sdpa = by_name["sdpa"]
     assert sdpa["family"] == "core" and sdpa["inputs"] == ["q", "k", "v"] and sdpa["has_backward"]
     fields = dataclasses.fields(CoreParams)

@@ -71,6 +71,7 @@ from typing import Optional
 import click
 
 from refattn import __version__, backends
+from refattn.errors import ParameterError
 from ..options import (EXIT_FAIL, EXIT_OK, backend_option, dumps, json_option, one_line_errors,
                        param_option)
 from .problem import (Oracle, Problem, build_problem, check_low_options, make_dout, oracle_options,
@@ -79,6 +80,8 @@ from .render import SCHEMA, describe_params, render, write_report
 from .routing import routing_report
 from .run import run_baseline, run_reference, run_under_test
 from .verdict import RULE, RULE_LOW, explain, index_axes, metrics, verdict, verdict_low
+from .flex import flex_option
+from .hf import hf_options
 
 
 def compare(problem: Problem, backend: Optional[str], against: str,
@@ -200,17 +203,32 @@ def compare(problem: Problem, backend: Optional[str], against: str,
 @click.option("--report", "report_path", metavar="OUT.md|OUT.html", default=None,
               help="Also write a report with the table, the error account and a heat map of the "
                    "error per (query, key block) (matplotlib). Default: none.")
+@hf_options
+@flex_option
 @json_option
 @one_line_errors
 def command(variant, backend, against, case, shape, seed, params, inputs, impl_spec, adapter,
             framework, device, lse, backward, outputs, dtype, baseline, grad, factor, atol, timeout,
-            report_path, as_json):
+            report_path, as_json, hf_config=None, hf_layer=None, hf_seq=None, hf_tolerance=None,
+            flex_spec=None):
     """Compare a backend, a function (--impl) or saved outputs (--outputs) with the float64
     reference and print the errors and a verdict; on FAIL, the worst (b, h, i, j) and where the
-    errors cluster.
+    errors cluster. With --hf-config: one layer of a transformers model (refattn.cli.compare.hf).
 
     Exit status: 0 PASS, 1 FAIL, 2 usage or input error.
     """
+    if hf_config is not None or hf_layer is not None or hf_seq is not None or hf_tolerance is not None:
+        from .hf import hf_given, render_hf, run_hf
+        if hf_config is None:
+            raise ParameterError(f"{hf_given(hf_layer, hf_seq, hf_tolerance)[0]}: only with --hf-config")
+        result = run_hf(hf_config, hf_layer, hf_seq, seed, hf_tolerance, grad,
+                        dict(variant=variant, case=case, shape=shape, params=params, impl_spec=impl_spec,
+                             outputs=outputs, dtype=dtype, backend=backend, adapter=adapter))
+        click.echo(dumps(result) if as_json else render_hf(result))
+        raise click.exceptions.Exit(EXIT_OK if result["verdict"] == "PASS" else EXIT_FAIL)
+    if flex_spec is not None:
+        from .flex import apply_flex
+        variant, params = apply_flex(flex_spec, variant, params)
     oracle = oracle_options(impl=impl_spec, adapter=adapter, framework=framework, device=device,
                             lse=lse, backward=backward, outputs=outputs, dtype=dtype,
                             baseline=baseline, factor=factor, atol=atol, grad=grad,

@@ -432,8 +432,8 @@ def mla_mixer(*, w_dkv, w_kr, w_uk, w_uv, w_o, w_q=None, w_dq=None, q_norm=None,
     ``q_norm (d_q,)``, then ``w_uq (d_q, H, d_nope + d_rope)``. ``params`` go to ``mla`` (``causal``,
     ``base``, ``style="gptj"`` for DeepSeek's interleaved rope, ``scale``...).
 
-    refattn's ``mla`` computes ``c = hidden @ w_dkv`` itself and has no latent RMSNorm, so this
-    mixer computes the normalised latent ``c = RMSNorm(u @ w_dkv) * kv_norm`` and the rope input
+    This mixer predates ``mla``'s own ``kv_norm``/q-LoRA parameters (which :mod:`refattn.hf` uses);
+    it computes the normalised latent ``c = RMSNorm(u @ w_dkv) * kv_norm`` and the rope input
     ``u @ w_kr`` here and hands ``mla`` ``hidden = [c, u @ w_kr]`` with identity down-projections
     ``[[I], [0]]`` and ``[[0], [I]]`` (multiplying by 1 and adding zeros is exact in floating point).
     """

@@ -327,3 +327,75 @@ register(Variant(
     params=FlashParams, forward=_flash_forward, backward=_backward(None), family="core",
     backends=("numpy",), tolerance=1e-12, example=example, emulate_as="sdpa",
     drop=("compute_dtype",)))
+
+
+# -- flex: a FlexAttention description (mask_mod, score_mod) as the reference ----------------------
+@dataclass(frozen=True)
+class FlexParams(CoreParams):
+    # annotated str so the CLI passes --param mask_mod=module:function through; a callable works too
+    mask_mod: Optional[str] = param_field(None, "FlexAttention mask_mod(b, h, q_idx, kv_idx) -> bool, a "
+                                                "callable or 'module:function'; default: every pair")
+    score_mod: Optional[str] = param_field(None, "FlexAttention score_mod(score, b, h, q_idx, kv_idx), a "
+                                                 "callable or 'module:function', evaluated in float64")
+    block_size: int = param_field(128, "tile size of the block-by-block mask_mod evaluation")
+
+
+_FLEX_DROP = ("causal", "alignment", "window", "bias", "softcap", "alibi_slopes", "alibi_form",
+              "sinks", "dropout_p", "dropout_seed", "dropout_mask")
+
+
+def _flex_prepare(backend, arrays, p: FlexParams):
+    """Prepared inputs with the mask_mod's Pattern and the score_mod as an additive term
+    ``score_mod(s) - s`` on ``s = scale q·k``; also ``d score_mod / d s`` (None without a score_mod)."""
+    from .. import flex
+    pre = prepare(backend, arrays, p)
+    b, hq, sq, _ = pre.q.shape
+    sk = pre.k.shape[2]
+    pattern = pre.pattern  # a boolean mask= (optional) is intersected with the mask_mod
+    if p.mask_mod is not None:
+        mm = flex.pattern_from_mask_mod(p.mask_mod, b, hq, sq, sk, block_size=p.block_size)
+        pattern = mm if pattern.dense is None else pattern & mm
+    deriv, mod = None, None
+    if p.score_mod is not None:
+        q, k = backend.to_numpy(pre.q), backend.to_numpy(pre.k)[:, pre.head_map]
+        s = pre.scale * np.einsum("bhid,bhjd->bhij", q, k)
+        modified, deriv = flex.score_mod_scores(p.score_mod, s)
+        if np.isnan(modified).any() or np.isposinf(modified).any():
+            raise ParameterError("score_mod: returned NaN or +inf scores")
+        with np.errstate(invalid="ignore"):
+            mod = ScoreMod(bias=np.where(np.isneginf(modified), -np.inf, modified - s))
+    from dataclasses import replace
+    return replace(pre, pattern=pattern, score_mod=mod), deriv
+
+
+def _flex_forward(backend, arrays, p: FlexParams):
+    pre, _ = _flex_prepare(backend, arrays, p)
+    out, lse = backend.attend(pre.q, pre.k, pre.v, **pre.primitive_kwargs())
+    return finish(backend.to_numpy(out), backend.to_numpy(lse), p)
+
+
+def _flex_backward(backend, arrays, dout, p: FlexParams):
+    """With a score_mod, the score gradient ``dS'`` of the modified scores is multiplied by
+    ``d score_mod / d s`` before ``dq = scale dS K`` and ``dk = scale dSᵀ Q`` (GQA: summed over the
+    group); tensors the score_mod captures get no gradient."""
+    pre, deriv = _flex_prepare(backend, arrays, p)
+    dq, dk, dv, extras = backward_prepared(backend, pre, dout, p)
+    if deriv is not None:
+        if "bias" not in extras:
+            raise ParameterError("score_mod: its gradient is not emulated at low precision; use "
+                                 "baseline='inputs_only'")
+        ds = extras.pop("bias") * deriv
+        q, k = backend.to_numpy(pre.q), backend.to_numpy(pre.k)
+        dq = pre.scale * np.einsum("bhij,bhjd->bhid", ds, k[:, pre.head_map])
+        dk = np.zeros(k.shape)
+        np.add.at(dk, (slice(None), pre.head_map), pre.scale * np.einsum("bhij,bhid->bhjd", ds, q))
+    return (*(to_layout(g, p) for g in (dq, dk, dv)), {})
+
+
+register(Variant(
+    name="flex", doc="A FlexAttention description as the reference: mask_mod evaluated block by block "
+    "into a Pattern (refattn.flex), score_mod evaluated in float64 through torch on the CPU; sdpa "
+    "otherwise (scale, GQA head_map). Needs torch.",
+    citation="Dong et al., Flex Attention: A Programming Model for Generating Optimized Attention "
+    "Kernels, 2024", params=FlexParams, forward=_flex_forward, backward=_flex_backward, family="core",
+    backends=("numpy", "numba"), tolerance=1e-12, example=example, drop=_FLEX_DROP))

@@ -13,18 +13,10 @@ patched as :mod:`hf_float64` describes (VARIANTS H). refattn's side: ``Block`` w
 ``rope_interleave=True`` rotates pairs ``(2i, 2i+1)``; it writes the rotated halves de-interleaved, a
 permutation applied to q and k alike, so the scores are the same), and the MoE of ``refattn.moe``.
 
-What refattn's ``mla`` variant does not express of DeepSeek-V3 (another issue is extending it):
-
-* the latent RMSNorm ``kv_a_layernorm`` (``c = RMSNorm(h W_DKV)``): ``mla`` computes
-  ``c = hidden @ w_dkv`` itself. ``mla_mixer`` closes this gap exactly by normalising outside and
-  passing identity down-projections (tested here);
-* q-LoRA (``W_UQ RMSNorm(W_DQ h)``): ``mla`` takes ``q`` as an input, so the mixer projects it;
-* YaRN: ``mla``'s RoPE has only ``base`` and ``style``, no ``rope_scaling`` -- neither YaRN's
-  per-frequency interpolation of ``inv_freq`` nor the cos/sin factor ``m(f, mscale)/m(f,
-  mscale_all_dim)``; the softmax factor ``m(f, mscale_all_dim)²`` could go into ``scale``. So this
-  test uses DeepSeek-V3 with default (unscaled) RoPE; DeepSeek-V3's released YaRN config is not
-  compared.
-* ``mla`` has no backward, so the DeepSeek-V3 layer is compared forward only.
+The mixer normalises the latent outside ``mla`` and hands it identity down-projections (written
+before ``mla`` had ``kv_norm``); ``mla`` itself now takes the latent RMSNorm, q-LoRA, YaRN and has a
+backward -- checked against HF's DeepSeek-V2/V3 attention, YaRN included, in ``test_hf_bridge.py``.
+This test keeps DeepSeek-V3 with default RoPE and compares the whole layer forward.
 """
 
 from __future__ import annotations

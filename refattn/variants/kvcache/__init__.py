@@ -35,7 +35,7 @@ from ...patterns import Pattern
 from refattn.backends.base import ScoreMod
 from .. import Variant, param_field, register
 from ..core import CoreParams, backward_prepared, example as core_example, prepare, to_layout
-from ..position import (attend_finish, rope_positions, to_caller,
+from ..position import (_rotate, attend_finish, parse_scaling, rope_positions, to_caller,
                        user_bias_grad)
 
 _BACKENDS = ("numpy", "numba", "cupy")
@@ -213,55 +213,191 @@ register(Variant(
 @dataclass(frozen=True)
 class MLAParams:
     form: str = param_field("absorbed", "'naive' (expand per-head K/V) or 'absorbed' (attend in latent space)")
-    scale: Optional[float] = param_field(None, "score scale; default 1/sqrt(d_nope + d_rope)")
+    scale: Optional[float] = param_field(None, "score scale; default 1/sqrt(d_nope + d_rope), times "
+                                               "m(factor, mscale_all_dim)^2 for YaRN with mscale_all_dim")
     causal: Any = param_field(False, "False, True, 'bottom_right' or 'top_left'")
     alignment: str = param_field("bottom_right", "diagonal offset s = Sk-Sq ('bottom_right') or 0")
-    base: Optional[float] = param_field(None, "RoPE base of the decoupled rope part; default 10000")
-    style: str = param_field("neox", "RoPE pairing of the rope part: 'neox' or 'gptj'")
+    mask: Any = param_field(None, "bool array broadcastable to (B, H, Sq, Sk), True = keep (padding)")
+    base: Optional[float] = param_field(None, "RoPE base of the decoupled rope part; default 10000 "
+                                              "(or the scaling dict's rope_theta)")
+    style: str = param_field("neox", "RoPE pairing of the rope part: 'neox' or 'gptj' (DeepSeek: interleaved)")
+    # annotated str so the CLI passes --param scaling='{"rope_type": "yarn", ...}' through as text
+    scaling: Optional[str] = param_field(None, "HF rope_scaling / rope_parameters dict (or its JSON "
+                                               "text) of the rope part: linear, dynamic, yarn, ...")
+    max_position_embeddings: Optional[int] = param_field(None, "needed by 'dynamic', 'longrope' and a "
+                                                               "yarn dict without a factor")
     q_positions: Any = param_field(None, "(Sq,) query positions; default i + s")
     k_positions: Any = param_field(None, "(Sk,) key positions; default 0 .. Sk-1")
+    kv_norm: Any = param_field(None, "(d_c,) weight of the latent RMSNorm (HF kv_a_layernorm); "
+                                     "default: no norm")
+    q_input: str = param_field("heads", "'heads': q is (B, H, Sq, d_nope + d_rope); 'hidden': q is the "
+                                        "queries' hidden states (B, Sq, d_model), projected by w_q or q-LoRA")
+    w_q: Any = param_field(None, "(d_model, H, d_nope + d_rope) query projection (q_input='hidden')")
+    w_dq: Any = param_field(None, "(d_model, d_q) q-LoRA down-projection (HF q_a_proj; q_input='hidden')")
+    q_norm: Any = param_field(None, "(d_q,) weight of the q-LoRA RMSNorm (HF q_a_layernorm); default ones")
+    w_uq: Any = param_field(None, "(d_q, H, d_nope + d_rope) q-LoRA up-projection (HF q_b_proj)")
+    norm_eps: float = param_field(1e-6, "epsilon of both latent RMSNorms (HF DeepSeek: 1e-6)")
     return_lse: bool = param_field(False, "also return the log-sum-exp (B, Hq, Sq)")
+
+
+#: parameters of mla that are learnable arrays (their gradients are returned when given)
+MLA_LEARNABLE = ("kv_norm", "w_q", "w_dq", "q_norm", "w_uq")
+
+
+@dataclass
+class _MLA:
+    """Everything the MLA forward and backward share (one place for the projections)."""
+
+    hidden: np.ndarray
+    c_raw: np.ndarray           # hidden @ w_dkv, before the latent norm
+    c: np.ndarray               # the latent (normalised when kv_norm is given), (B, Sk, d_c)
+    k_nope: np.ndarray          # (B, H, Sk, d_nope)
+    v: np.ndarray               # (B, H, Sk, d_v)
+    q_heads: np.ndarray         # (B, H, Sq, d_nope + d_rope), before RoPE
+    q_parts: dict               # the query projection's intermediates (empty for q_input='heads')
+    q_rope: np.ndarray          # rotated rope part of q, (B, H, Sq, d_rope)
+    k_rope: np.ndarray          # rotated shared rope key, (B, 1, Sk, d_rope)
+    d_nope: int
+    scale: float
+    pattern: Pattern
+    rotate: Any                 # rotate(x, "q" | "k", inverse) with the call's positions and scaling
+    eps: float
+
+    def naive_qkv(self):
+        b, h, sk = self.k_nope.shape[:3]
+        k = np.concatenate([self.k_nope, np.broadcast_to(self.k_rope, (b, h, sk, self.k_rope.shape[3]))], axis=-1)
+        q = np.concatenate([self.q_heads[..., :self.d_nope], self.q_rope], axis=-1)
+        return q, k, self.v
+
+
+def _mla_prepare(arrays, p: MLAParams) -> _MLA:
+    V.check_choice(p.form, "form", ("naive", "absorbed"))
+    V.check_choice(p.q_input, "q_input", ("heads", "hidden"))
+    causal, alignment = _causal_alignment(p)
+    from ...variants.block import check_eps
+    eps = check_eps(p.norm_eps, "norm_eps")
+    c, k_nope, v, k_rope = KV.mla_project(arrays["hidden"], arrays["w_dkv"], arrays["w_uk"],
+                                          arrays["w_uv"], arrays["w_kr"], kv_norm=p.kv_norm, eps=eps)
+    c_raw = V.as_compute(arrays["hidden"], "hidden") @ V.as_compute(arrays["w_dkv"], "w_dkv")
+    b, sk, dc = c.shape
+    h, d_nope, d_rope = k_nope.shape[1], k_nope.shape[3], k_rope.shape[2]
+    projections = [n for n in ("w_q", "w_dq", "q_norm", "w_uq") if getattr(p, n) is not None]
+    if p.q_input == "heads" and projections:
+        raise ParameterError(f"{projections[0]}: a query projection needs q_input='hidden' (q the queries' "
+                             f"hidden states (B, Sq, d_model)), got q_input='heads'")
+    if p.q_input == "hidden" and not projections:
+        raise ParameterError("q_input: 'hidden' needs a query projection, w_q or q-LoRA (w_dq, w_uq), got none")
+    q_heads, q_parts = KV.mla_queries(arrays["q"], num_heads=h, d_qk=d_nope + d_rope, w_q=p.w_q,
+                                      w_dq=p.w_dq, q_norm=p.q_norm, w_uq=p.w_uq, eps=eps)
+    if q_heads.shape[0] != b:
+        raise ShapeError(f"q: expected batch {b} as hidden, got {q_heads.shape[0]}")
+    sq = q_heads.shape[2]
+    qp, kp = rope_positions(p, sq, sk)
+    scaling = parse_scaling(p.scaling)
+    seq_len = int(max(np.max(qp, initial=0), np.max(kp, initial=0))) + 1
+    kw = dict(base=p.base, style=p.style, scaling=scaling, max_position_embeddings=p.max_position_embeddings,
+              seq_len=seq_len)
+
+    def rotate(x, which, inverse=False):
+        return _rotate(x, qp if which == "q" else kp, f"{which}_positions", inverse=inverse, **kw)
+
+    q_rope = rotate(q_heads[..., d_nope:], "q")
+    k_rope = rotate(k_rope[:, None], "k")  # (B, 1, Sk, d_rope): one for all heads
+    if p.scale is None:
+        scale = KV.mla_softmax_scale(d_nope + d_rope, scaling, p.max_position_embeddings)
+    else:
+        scale = V.check_scale(p.scale, d_nope + d_rope)
+    dense = None if p.mask is None else V.check_broadcast(p.mask, "mask", (b, h, sq, sk), kind="bool")
+    pattern = Pattern(causal=causal, alignment=alignment, dense=dense)
+    return _MLA(hidden=V.as_compute(arrays["hidden"], "hidden"), c_raw=c_raw, c=c, k_nope=k_nope, v=v,
+                q_heads=q_heads, q_parts=q_parts, q_rope=q_rope, k_rope=k_rope, d_nope=d_nope,
+                scale=scale, pattern=pattern, rotate=rotate, eps=eps)
 
 
 def mla(backend, arrays, p: MLAParams):
     """MLA forward: ``(out (B, H, Sq, d_v), lse)`` in the form ``p.form``."""
-    V.check_choice(p.form, "form", ("naive", "absorbed"))
-    causal, alignment = _causal_alignment(p)
-    c, k_nope, v, k_rope = KV.mla_project(arrays["hidden"], arrays["w_dkv"], arrays["w_uk"],
-                                          arrays["w_uv"], arrays["w_kr"])
-    q = V.as_compute(arrays["q"], "q")
-    b, sk, dc = c.shape
-    h, d_nope, d_rope = k_nope.shape[1], k_nope.shape[3], k_rope.shape[2]
-    if q.ndim != 4 or q.shape[0] != b or q.shape[1] != h or q.shape[3] != d_nope + d_rope:
-        raise ShapeError(f"q: expected ({b}, {h}, Sq, {d_nope + d_rope}) = (B, H, Sq, d_nope + d_rope), "
-                         f"got {fmt_shape(q.shape)}")
-    sq = q.shape[2]
-    qp, kp = rope_positions(p, sq, sk)
-    q_nope = q[..., :d_nope]
-    q_rope = P.rope(q[..., d_nope:], qp, base=p.base, style=p.style)
-    k_rope = P.rope(k_rope[:, None], kp, base=p.base, style=p.style)  # (B, 1, Sk, d_rope): one for all heads
-    scale = V.check_scale(p.scale, d_nope + d_rope)
-    pattern = Pattern(causal=causal, alignment=alignment)
+    m = _mla_prepare(arrays, p)
+    h = m.k_nope.shape[1]
     if p.form == "naive":
-        k = np.concatenate([k_nope, np.broadcast_to(k_rope, (b, h, sk, d_rope))], axis=-1)
-        qf = np.concatenate([q_nope, q_rope], axis=-1)
-        return _attend(backend, qf, k, v, pattern=pattern, scale=scale, head_map=np.arange(h))
+        q, k, v = m.naive_qkv()
+        return _attend(backend, q, k, v, pattern=m.pattern, scale=m.scale, head_map=np.arange(h))
     w_uk = V.as_compute(arrays["w_uk"], "w_uk")
     w_uv = V.as_compute(arrays["w_uv"], "w_uv")
-    q_lat = np.einsum("bhqn,hcn->bhqc", q_nope, w_uk)  # q_nope·(W_UK c) = (W_UK^T q_nope)·c
-    qf = np.concatenate([q_lat, q_rope], axis=-1)
-    kf = np.concatenate([c[:, None], k_rope], axis=-1)  # (B, 1, Sk, d_c + d_rope): the cache itself
-    o_lat, lse = _attend(backend, qf, kf, c[:, None], pattern=pattern, scale=scale,
+    q_lat = np.einsum("bhqn,hcn->bhqc", m.q_heads[..., :m.d_nope], w_uk)  # q_nope·(W_UK c) = (W_UK^T q_nope)·c
+    qf = np.concatenate([q_lat, m.q_rope], axis=-1)
+    kf = np.concatenate([m.c[:, None], m.k_rope], axis=-1)  # (B, 1, Sk, d_c + d_rope): the cache itself
+    o_lat, lse = _attend(backend, qf, kf, m.c[:, None], pattern=m.pattern, scale=m.scale,
                          head_map=np.zeros(h, dtype=np.intp))
     return np.einsum("bhqc,hcv->bhqv", o_lat, w_uv), lse
 
 
-def _mla_example(shape, rng, params):
-    """Weights scaled by 1/sqrt(fan_in); ``D = d_nope + d_rope`` with ``d_rope = 2 * max(1, D // 8)``."""
-    b, hq, sq, sk, d, hkv = shape
+def _mla_backward(backend, arrays, dout, p: MLAParams):
+    """Gradients keyed by input name (``q``, ``hidden``, ``w_dkv``, ``w_uk``, ``w_uv``, ``w_kr``) and
+    by learnable parameter where given (``kv_norm``, ``w_q``, ``w_dq``, ``q_norm``, ``w_uq``).
+
+    Both forms compute the same function, so one chain rule serves both: ``attend_backward`` on the
+    expanded (naive) q, k, v, then back through the RoPE (its transpose), the per-head
+    up-projections, the latent RMSNorm and the down-projections; the rope key's gradient is summed
+    over the heads that share it.
+    """
+    from ...variants.block import rms_norm_backward
+
+    m = _mla_prepare(arrays, p)
+    b, h, sk, _ = m.k_nope.shape
+    q, k, v = m.naive_qkv()
+    out, lse = _attend(backend, q, k, v, pattern=m.pattern, scale=m.scale, head_map=np.arange(h))
+    dout = V.as_compute(dout, "dout")
+    if dout.shape != out.shape:
+        raise ShapeError(f"dout: expected the output's shape {fmt_shape(out.shape)}, got {fmt_shape(dout.shape)}")
+    g = backend.attend_backward(*(backend.asarray(a) for a in (q, k, v, out, lse, dout)),
+                                pattern=m.pattern, scale=m.scale, head_map=np.arange(h))
+    dq, dk, dv = (np.asarray(backend.to_numpy(x), dtype=np.float64) for x in g[:3])
+    dn = m.d_nope
+    dq_heads = np.concatenate([dq[..., :dn], m.rotate(dq[..., dn:], "q", True)], axis=-1)
+    dk_nope = dk[..., :dn]
+    dk_rope = m.rotate(dk[..., dn:].sum(axis=1, keepdims=True), "k", True)[:, 0]  # (B, Sk, d_rope)
+    w_uk, w_uv, w_dkv, w_kr = (V.as_compute(arrays[n], n) for n in ("w_uk", "w_uv", "w_dkv", "w_kr"))
+    grads = {"w_uk": np.einsum("bsc,bhsn->hcn", m.c, dk_nope),
+             "w_uv": np.einsum("bsc,bhsv->hcv", m.c, dv)}
+    dc = np.einsum("bhsn,hcn->bsc", dk_nope, w_uk) + np.einsum("bhsv,hcv->bsc", dv, w_uv)
+    if p.kv_norm is not None:
+        dc, grads["kv_norm"] = rms_norm_backward(m.c_raw, V.as_compute(p.kv_norm, "kv_norm"), dc, eps=m.eps)
+    grads["w_dkv"] = np.einsum("bsd,bsc->dc", m.hidden, dc)
+    grads["w_kr"] = np.einsum("bsd,bsr->dr", m.hidden, dk_rope)
+    grads["hidden"] = dc @ w_dkv.T + dk_rope @ w_kr.T
+    qp = m.q_parts
+    if not qp:
+        grads["q"] = dq_heads
+    elif "w_q" in qp:
+        grads["w_q"] = np.einsum("bsd,bhse->dhe", qp["q_in"], dq_heads)
+        grads["q"] = np.einsum("bhse,dhe->bsd", dq_heads, qp["w_q"])
+    else:
+        grads["w_uq"] = np.einsum("bsr,bhse->rhe", qp["q_n"], dq_heads)
+        d_n = np.einsum("bhse,rhe->bsr", dq_heads, qp["w_uq"])
+        d_a, d_norm = rms_norm_backward(qp["q_a"], qp["q_norm"], d_n, eps=m.eps)
+        if p.q_norm is not None:
+            grads["q_norm"] = d_norm
+        grads["w_dq"] = np.einsum("bsd,bsr->dr", qp["q_in"], d_a)
+        grads["q"] = d_a @ qp["w_dq"].T
+    order = ("q", "hidden", "w_dkv", "w_uk", "w_uv", "w_kr") + MLA_LEARNABLE
+    return {n: grads[n] for n in order if n in grads}
+
+
+def mla_example_dims(d):
+    """``(d_nope, d_rope, d_c, d_model)`` the example makes for head dim ``D = d_nope + d_rope``
+    (golden makers of the query and norm weights use the same)."""
     d_rope = 2 * max(1, d // 8)
-    d_nope, d_c, d_model = max(1, d - d_rope), max(4, d // 2), 2 * d
-    return {"q": rng.standard_normal((b, hq, sq, d_nope + d_rope)),
+    return max(1, d - d_rope), d_rope, max(4, d // 2), 2 * d
+
+
+def _mla_example(shape, rng, params):
+    """Weights scaled by 1/sqrt(fan_in); ``D = d_nope + d_rope`` with ``d_rope = 2 * max(1, D // 8)``.
+    With ``q_input='hidden'`` q is the queries' hidden states ``(B, Sq, d_model)`` (the query
+    projection itself is a parameter: give ``w_q`` or the q-LoRA weights)."""
+    b, hq, sq, sk, d, hkv = shape
+    d_nope, d_rope, d_c, d_model = mla_example_dims(d)
+    q_shape = (b, sq, d_model) if getattr(params, "q_input", "heads") == "hidden" else (b, hq, sq, d_nope + d_rope)
+    return {"q": rng.standard_normal(q_shape),
             "hidden": rng.standard_normal((b, sk, d_model)),
             "w_dkv": rng.standard_normal((d_model, d_c)) / np.sqrt(d_model),
             "w_uk": rng.standard_normal((hq, d_c, d_nope)) / np.sqrt(d_c),
@@ -271,15 +407,18 @@ def _mla_example(shape, rng, params):
 
 register(Variant(
     name="mla", family="kvcache",
-    doc="Multi-head Latent Attention (DeepSeek-V2/V3): latent c = h W_DKV, per-head K/V up-projected, "
-    "a decoupled RoPE key shared by all heads; naive and absorbed forms agree; see "
-    "refattn.kvcache.mla_cache_bytes for the cache size of each.",
+    doc="Multi-head Latent Attention as DeepSeek-V2/V3 compute it: latent c = RMSNorm(h W_DKV) "
+    "(kv_norm), per-head K/V up-projected, a decoupled RoPE key shared by all heads (any HF scaling, "
+    "YaRN mscale in the softmax scale, neox or interleaved pairs), q per head or from hidden states "
+    "(w_q or q-LoRA with its RMSNorm), causal and padding masks; naive and absorbed forms agree; "
+    "backward for every input and weight. refattn.kvcache.mla_cache_bytes gives each form's cache size.",
     citation="DeepSeek-AI, DeepSeek-V2: A Strong, Economical, and Efficient Mixture-of-Experts "
-    "Language Model, 2024", params=MLAParams, forward=mla, backends=_BACKENDS,
+    "Language Model, 2024; DeepSeek-AI, DeepSeek-V3 Technical Report, 2024", params=MLAParams,
+    forward=mla, backward=_mla_backward, backends=_BACKENDS,
     inputs=("q", "hidden", "w_dkv", "w_uk", "w_uv", "w_kr"), example=_mla_example,
-    input_shapes={"q": "(B, H, Sq, d_nope + d_rope)", "hidden": "(B, Sk, d_model)",
-                  "w_dkv": "(d_model, d_c)", "w_uk": "(H, d_c, d_nope)", "w_uv": "(H, d_c, d_v)",
-                  "w_kr": "(d_model, d_rope)"}))
+    input_shapes={"q": "(B, H, Sq, d_nope + d_rope), or (B, Sq, d_model) with q_input='hidden'",
+                  "hidden": "(B, Sk, d_model)", "w_dkv": "(d_model, d_c)", "w_uk": "(H, d_c, d_nope)",
+                  "w_uv": "(H, d_c, d_v)", "w_kr": "(d_model, d_rope)"}))
 
 
 # -- cascade ----------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ Conventions
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Optional
@@ -33,8 +34,8 @@ from ...validate import (as_compute, check_finite, check_int, check_qkv, check_s
                          int_array as check_int_array, to_numpy)
 
 __all__ = ["KVCache", "decode_mask", "validate_block_table", "gather_paged", "scatter_paged",
-           "mla_project", "mla_cache_bytes", "merge_states", "shard_indices", "ring_attention",
-           "ring_attention_backward", "RingReport",
+           "mla_project", "mla_queries", "mla_softmax_scale", "yarn_mscale", "mla_cache_bytes",
+           "merge_states", "shard_indices", "ring_attention", "ring_attention_backward", "RingReport",
            "rope_average_rotation", "expected_attention_scores", "expected_attention_key_scores",
            "expected_attention_keep", "decode_attention",
            "paged_attention", "mla_attention", "cascade_attention", "expected_attention"]
@@ -242,13 +243,14 @@ def scatter_paged(grad, block_table, seq_lens, pages_shape):
 
 
 # -- MLA --------------------------------------------------------------------------------------------
-def mla_project(hidden, w_dkv, w_uk, w_uv, w_kr):
+def mla_project(hidden, w_dkv, w_uk, w_uv, w_kr, *, kv_norm=None, eps: float = 1e-6):
     """DeepSeek MLA projections of ``hidden (B, Sk, d_model)``.
 
-    Returns ``(c, k_nope, v, k_rope_pre)``: latent ``c = hidden @ w_dkv (B, Sk, d_c)``,
-    ``k_nope = c @ w_uk (B, H, Sk, d_nope)`` with ``w_uk (H, d_c, d_nope)``,
-    ``v = c @ w_uv (B, H, Sk, d_v)`` with ``w_uv (H, d_c, d_v)``, and the shared key part
-    ``hidden @ w_kr (B, Sk, d_rope)`` (RoPE still to be applied).
+    Returns ``(c, k_nope, v, k_rope_pre)``: latent ``c = hidden @ w_dkv (B, Sk, d_c)`` -- with
+    ``kv_norm (d_c,)`` given, ``c = RMSNorm(hidden @ w_dkv) * kv_norm`` (HF's ``kv_a_layernorm``,
+    ``x / sqrt(mean(x²) + eps)``) --, ``k_nope = c @ w_uk (B, H, Sk, d_nope)`` with
+    ``w_uk (H, d_c, d_nope)``, ``v = c @ w_uv (B, H, Sk, d_v)`` with ``w_uv (H, d_c, d_v)``, and the
+    shared key part ``hidden @ w_kr (B, Sk, d_rope)`` (RoPE still to be applied).
     """
     h = as_compute(hidden, "hidden")
     w_dkv, w_uk, w_uv, w_kr = (as_compute(a, n) for a, n in ((w_dkv, "w_dkv"), (w_uk, "w_uk"),
@@ -267,7 +269,101 @@ def mla_project(hidden, w_dkv, w_uk, w_uv, w_kr):
     if w_kr.ndim != 2 or w_kr.shape[0] != dm or w_kr.shape[1] % 2:
         raise ShapeError(f"w_kr: expected ({dm}, d_rope) with d_rope even, got {fmt_shape(w_kr.shape)}")
     c = h @ w_dkv
+    if kv_norm is not None:
+        c = rms_norm(c, _vector(kv_norm, "kv_norm", dc, "(d_c,) = the latent width"), eps)
     return c, np.einsum("bsc,hcn->bhsn", c, w_uk), np.einsum("bsc,hcv->bhsv", c, w_uv), h @ w_kr
+
+
+def _vector(a, name: str, n: int, meaning: str) -> np.ndarray:
+    arr = check_finite(as_compute(a, name), name)
+    if arr.shape != (n,):
+        raise ShapeError(f"{name}: expected shape ({n},) {meaning}, got {fmt_shape(arr.shape)}")
+    return arr
+
+
+def rms_norm(x, weight, eps: float) -> np.ndarray:
+    """``x / sqrt(mean(x², -1) + eps) * weight`` -- :func:`refattn.block.rms_norm`, the one
+    definition (DeepSeek's ``kv_a_layernorm`` and ``q_a_layernorm``)."""
+    from ..block import rms_norm as _rms
+    return _rms(x, weight, eps=eps)
+
+
+def mla_queries(q, *, num_heads: int, d_qk: int, w_q=None, w_dq=None, q_norm=None, w_uq=None,
+                eps: float = 1e-6) -> tuple:
+    """Per-head MLA queries ``(B, H, Sq, d_nope + d_rope)`` from ``q``, and what the backward needs.
+
+    Without projection weights ``q`` already is ``(B, H, Sq, d_qk)``. With ``w_q (d_model, H, d_qk)``
+    it is the queries' hidden states ``(B, Sq, d_model)`` and the result ``q @ w_q``; with q-LoRA
+    (DeepSeek's ``q_a_proj``, ``q_a_layernorm``, ``q_b_proj``) ``w_dq (d_model, d_q)``, optional
+    ``q_norm (d_q,)`` (default ones; the RMSNorm is always applied, as DeepSeek does) and
+    ``w_uq (d_q, H, d_qk)``: ``RMSNorm(q @ w_dq) * q_norm @ w_uq``. Returns ``(q_heads, parts)`` with
+    ``parts`` the intermediate arrays by name.
+    """
+    x = check_finite(as_compute(q, "q"), "q")
+    lora = w_dq is not None or w_uq is not None or q_norm is not None
+    if w_q is not None and lora:
+        raise ParameterError("w_q: given together with the q-LoRA weights (w_dq, q_norm, w_uq); give one "
+                             "query projection")
+    if w_q is None and not lora:
+        if x.ndim != 4 or x.shape[1] != num_heads or x.shape[3] != d_qk:
+            raise ShapeError(f"q: expected (B, {num_heads}, Sq, {d_qk}) = (B, H, Sq, d_nope + d_rope) "
+                             f"per-head queries, got {fmt_shape(x.shape)}")
+        return x, {}
+    if x.ndim != 3:
+        raise ShapeError(f"q: expected the queries' hidden states (B, Sq, d_model) with "
+                         f"{'w_q' if w_q is not None else 'q-LoRA'}, got {fmt_shape(x.shape)}")
+    dm = x.shape[2]
+    if w_q is not None:
+        w = check_finite(as_compute(w_q, "w_q"), "w_q")
+        if w.shape != (dm, num_heads, d_qk):
+            raise ShapeError(f"w_q: expected ({dm}, {num_heads}, {d_qk}) = (d_model, H, d_nope + d_rope), "
+                             f"got {fmt_shape(w.shape)}")
+        return np.einsum("bsd,dhe->bhse", x, w), {"q_in": x, "w_q": w}
+    if w_dq is None or w_uq is None:
+        missing = "w_dq" if w_dq is None else "w_uq"
+        raise ParameterError(f"{missing}: q-LoRA needs w_dq (d_model, d_q) and w_uq (d_q, H, d_nope + "
+                             f"d_rope) (q_norm optional), got no {missing}")
+    a_w = check_finite(as_compute(w_dq, "w_dq"), "w_dq")
+    if a_w.ndim != 2 or a_w.shape[0] != dm:
+        raise ShapeError(f"w_dq: expected ({dm}, d_q) = (d_model, q-LoRA rank), got {fmt_shape(a_w.shape)}")
+    dq = a_w.shape[1]
+    b_w = check_finite(as_compute(w_uq, "w_uq"), "w_uq")
+    if b_w.shape != (dq, num_heads, d_qk):
+        raise ShapeError(f"w_uq: expected ({dq}, {num_heads}, {d_qk}) = (d_q, H, d_nope + d_rope), "
+                         f"got {fmt_shape(b_w.shape)}")
+    norm_w = np.ones(dq) if q_norm is None else _vector(q_norm, "q_norm", dq, "(d_q,) = the q-LoRA rank")
+    a = x @ a_w
+    n = rms_norm(a, norm_w, eps)
+    return np.einsum("bsr,rhe->bhse", n, b_w), {"q_in": x, "w_dq": a_w, "w_uq": b_w, "q_norm": norm_w,
+                                                 "q_a": a, "q_n": n}
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's ``m(f, a) = 0.1 * a * ln(f) + 1`` for ``f > 1``, else 1 (DeepSeek's ``yarn_get_mscale``)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def mla_softmax_scale(d_qk: int, scaling=None, max_position_embeddings=None) -> float:
+    """DeepSeek's MLA softmax scale: ``1/sqrt(d_nope + d_rope)``, times ``m(factor, mscale_all_dim)²``
+    when ``scaling`` (HF's rope dict) has a non-default ``rope_type`` and a non-zero
+    ``mscale_all_dim`` (HF DeepSeek-V2/V3 ``yarn_apply_mscale``; VARIANTS C). ``factor`` None falls back
+    to ``max_position_embeddings / original_max_position_embeddings``, as the YaRN frequencies do."""
+    scale = 1.0 / math.sqrt(d_qk)
+    if not isinstance(scaling, dict):
+        return scale
+    rtype = scaling.get("rope_type", scaling.get("type", "default"))
+    m_all = scaling.get("mscale_all_dim")
+    if rtype == "default" or not m_all:
+        return scale
+    factor = scaling.get("factor")
+    if factor is None:
+        ompe = scaling.get("original_max_position_embeddings")
+        if ompe is None or max_position_embeddings is None:
+            raise ParameterError("scaling['factor']: the softmax mscale needs a factor (or "
+                                 "original_max_position_embeddings and max_position_embeddings), got none")
+        factor = max_position_embeddings / ompe
+    m = yarn_mscale(float(factor), float(m_all))
+    return scale * m * m
 
 
 def mla_cache_bytes(num_heads: int, d_nope: int, d_rope: int, d_v: int, d_c: int,
