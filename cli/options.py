@@ -31,13 +31,27 @@ def _warning_line(message, category, filename, lineno, file=None, line=None):
     click.echo(f"Warning: {message}", err=True)
 
 
+class _OncePerCommand:
+    """``showwarning`` printing each distinct message once per command (the run under test and
+    the reference may meet the same condition, e.g. BigBird's short-sequence fallback)."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if text not in self.seen:
+            self.seen.add(text)
+            _warning_line(message, category, filename, lineno, file, line)
+
+
 def one_line_errors(f):
     """Report :class:`RefattnError` as ``Error: <message>`` on stderr and exit 2, Ctrl-C as
     ``Interrupted`` and exit 130; warnings are printed as one ``Warning: <message>`` line each."""
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         with warnings.catch_warnings():
-            warnings.showwarning = _warning_line
+            warnings.showwarning = _OncePerCommand()
             try:
                 return f(*args, **kwargs)
             except RefattnError as exc:  # one line even when a user's exception spans several
@@ -167,13 +181,16 @@ def parse_params(var, items, array_names) -> dict:
     (``array_names``: those a maker can make) accept only a maker's name, e.g. ``random`` or, for
     ``alibi_slopes``, ``alibi``; they come back as :class:`Made` records.
     """
-    fields = {f.name: f for f in dataclasses.fields(var.params)}
+    fields = {f.name: f for f in dataclasses.fields(var.params) if f.name in var.fields()}
     out = {}
     for item in items:
         name, sep, text = item.partition("=")
         name = name.strip()
         if not sep or not name:
             raise ParameterError(f"--param: expected name=value, got {item!r}")
+        if name in out:
+            raise ParameterError(f"--param {name}: given twice ({name}={out[name]!r} and {item!r}); "
+                                 f"give it once")
         if name not in fields:
             raise ParameterError(f"--param {name}: not a parameter of variant {var.name!r}; expected "
                                  f"one of {', '.join(sorted(fields))}")

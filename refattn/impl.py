@@ -78,6 +78,11 @@ def _import(name: str):
             spec = importlib.util.spec_from_file_location(
                 "refattn_impl_" + os.path.splitext(os.path.basename(name))[0], name)
             module = importlib.util.module_from_spec(spec)
+            # the file's own folder first on the path, as `python file.py` has it: its sibling
+            # modules import (it stays there: the function may import lazily when called)
+            folder = os.path.dirname(os.path.abspath(name))
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
             spec.loader.exec_module(module)
             return module
         if not all(part.isidentifier() for part in name.split(".")):

@@ -21,7 +21,8 @@ distributions; ``refattn compare --inputs NAME`` and ``refattn compare --impl`` 
     Language Models*, 2024. The scores are then dominated by those channels.
 ``peaked``
     near one-hot rows: every query is aligned with one key (its own position modulo Sk), whose score
-    exceeds the others' by about 16: the softmax puts more than 99.9% of the weight on that key.
+    exceeds the others' by about 16 on average: the softmax puts nearly all the weight (typically
+    more than 99.9%) on that key.
 ``ties``
     small integers (-2..2) in q and k and repeated key rows, so that many scores are exactly equal:
     ties in the row maximum and in the keys that share it.
