@@ -247,3 +247,22 @@ class NumbaBackend(Backend):
             self.attend_backward(q, k, v, out, lse, dout, **kw)
         _philox.uniforms(np.uint64(0), np.zeros(1, np.uint64), np.zeros(1, np.uint64))
         return time.perf_counter() - t0
+
+    # -- linear attention and state-space scans (kernels in _scan.py) ----------------------------
+    def linear_scan(self, q, k, v, *, decay=None, beta=None, form="recurrent", chunk_size=64,
+                    initial_state=None):
+        from . import _scan
+        with one_blas_thread():
+            return _scan.linear_scan(q, k, v, decay=decay, beta=beta, form=form,
+                                     chunk_size=chunk_size, initial_state=initial_state)
+
+    def linear_scan_backward(self, q, k, v, dout, *, decay=None, beta=None, chunk_size=64,
+                             initial_state=None, dfinal_state=None):
+        from . import _scan
+        return _scan.linear_scan_backward(q, k, v, dout, decay=decay, beta=beta,
+                                          chunk_size=chunk_size, initial_state=initial_state,
+                                          dfinal_state=dfinal_state)
+
+    def wkv(self, k, v, *, w, u, initial_state=None):
+        from . import _scan
+        return _scan.run_wkv(k, v, w=w, u=u, initial_state=initial_state)
