@@ -19,7 +19,7 @@
   3. parallel over (batch, head, chunk): each chunk's outputs corrected by the state it received.
 
   So the work is parallel over chunks even at ``B = H = 1``. Tile products go through ``np.dot``
-  (BLAS pinned to one thread by the caller). Per-key-dim gates use ``q e^{G} . k e^{-G}`` products
+  (BLAS pinned to one thread by the caller) on C-contiguous operands only. Per-key-dim gates use ``q e^{G} . k e^{-G}`` products
   when every ``|G|`` in the chunk is at most :data:`SAFE_SPAN` (no overflow, and no precision lost:
   the exponent of each factor is exact), otherwise the per-pair ``exp(G_tc - G_ic)`` of the
   definition.
@@ -110,26 +110,39 @@ def _cumulative(g, t0, n, has_gate):
 
 
 @njit(cache=True)
+def _transposed(a):
+    """A C-contiguous copy of ``a.T`` (numba's ``np.dot`` is slow on a transposed view)."""
+    out = np.empty((a.shape[1], a.shape[0]))
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            out[j, i] = a[i, j]
+    return out
+
+
+@njit(cache=True)
 def _decayed_products(x, y, G, strict, out):
     """``out[t, i] = sum_c x_tc y_ic exp(G_tc - G_ic)`` for ``i <= t`` (``i < t`` if ``strict``),
     0 above (``G`` has one column, or one per key dim)."""
     n, d = x.shape
-    if G.shape[1] == 1:
-        np.dot(x, y.T, out)
+    safe = np.max(np.abs(G)) <= SAFE_SPAN if n else True
+    if G.shape[1] == 1:  # one gate per head: scale the plain products
+        np.dot(x, _transposed(y), out)
+        if safe:  # exp(G_t - G_i) = e^{G_t} e^{-G_i}: n exponentials instead of n^2 / 2
+            up, down = np.exp(G[:, 0]), np.exp(-G[:, 0])
         for t in range(n):
             for i in range(n):
                 if i < t or (i == t and not strict):
-                    out[t, i] *= np.exp(G[t, 0] - G[i, 0])
+                    out[t, i] *= up[t] * down[i] if safe else np.exp(G[t, 0] - G[i, 0])
                 else:
                     out[t, i] = 0.0
         return
-    if np.max(np.abs(G)) <= SAFE_SPAN:  # factorised: x e^{G} . y e^{-G}, no overflow possible
+    if safe:  # factorised: x e^{G} . y e^{-G}, no overflow possible
         xs, ys = np.empty((n, d)), np.empty((n, d))
         for t in range(n):
             for c in range(d):
                 xs[t, c] = x[t, c] * np.exp(G[t, c])
                 ys[t, c] = y[t, c] * np.exp(-G[t, c])
-        np.dot(xs, ys.T, out)
+        np.dot(xs, _transposed(ys), out)
         for t in range(n):
             for i in range(t if strict else t + 1, n):
                 out[t, i] = 0.0
@@ -144,29 +157,43 @@ def _decayed_products(x, y, G, strict, out):
 
 
 @njit(cache=True)
+def _received(qc, G):
+    """Rows ``q_t e^{G_t}``: how step t of a chunk reads the state the chunk received."""
+    n, dk = qc.shape
+    out = np.empty((n, dk))
+    for t in range(n):
+        for c in range(dk):
+            out[t, c] = qc[t, c] * np.exp(G[t, c if G.shape[1] > 1 else 0])
+    return out
+
+
+@njit(cache=True)
 def _chunk_local(q, k, v, g, beta, has_gate, has_beta, t0, n, o, p, ds, tr):
     """Chunk ``[t0, t0 + n)`` of one (batch, head) from a zero state: its outputs into ``o``, the
-    rows ``p`` that turn a received state into output corrections, the state ``ds`` it adds and
-    its transition ``tr`` (row 0 the diagonal without the delta rule, else the Dk x Dk matrix)."""
+    state ``ds`` it adds, its transition ``tr`` (row 0 the diagonal without the delta rule, else
+    the Dk x Dk matrix) and, with the delta rule, the rows ``p`` that turn a received state into
+    output corrections (without it they are :func:`_received`, recomputed in pass 3)."""
     dk, dv = q.shape[1], v.shape[1]
     qc, kc, vc = q[t0:t0 + n], k[t0:t0 + n], v[t0:t0 + n]
     G = _cumulative(g, t0, n, has_gate)
-    per_dim = G.shape[1] > 1
+    gk = G.shape[1]
+    up = np.exp(G)  # decay from the chunk's start to step t
+    to_end = np.empty((n, gk))  # decay from step t to the chunk's end
+    for t in range(n):
+        for c in range(gk):
+            to_end[t, c] = np.exp(G[n - 1, c] - G[t, c])
     scores = np.empty((n, n))
     _decayed_products(qc, kc, G, False, scores)
-    pc = p[t0:t0 + n]
-    kd = np.empty((n, dk))  # keys decayed to the chunk's end
+    kd = np.empty((dk, n))  # keys decayed to the chunk's end, transposed
     for t in range(n):
         for c in range(dk):
-            gc = c if per_dim else 0
-            pc[t, c] = qc[t, c] * np.exp(G[t, gc])
-            kd[t, c] = kc[t, c] * np.exp(G[n - 1, gc] - G[t, gc])
+            kd[c, t] = kc[t, c] * to_end[t, c if gk > 1 else 0]
     oc = o[t0:t0 + n]
     if not has_beta:
         np.dot(scores, vc, oc)
-        np.dot(kd.T, vc, ds)
+        np.dot(kd, vc, ds)
         for c in range(dk):
-            tr[0, c] = np.exp(G[n - 1, c if per_dim else 0])
+            tr[0, c] = up[n - 1, c if gk > 1 else 0]
         return
     # delta rule: (I + diag(beta) A) [W | M] = diag(beta) [V | K e^G], A strictly lower
     a = np.empty((n, n))
@@ -177,24 +204,26 @@ def _chunk_local(q, k, v, g, beta, has_gate, has_beta, t0, n, o, p, ds, tr):
         for j in range(dv):
             wm[t, j] = bt * vc[t, j]
         for c in range(dk):
-            wm[t, dv + c] = bt * kc[t, c] * np.exp(G[t, c if per_dim else 0])
+            wm[t, dv + c] = bt * kc[t, c] * up[t, c if gk > 1 else 0]
         for i in range(t):  # forward substitution
             f = bt * a[t, i]
             for j in range(dv + dk):
                 wm[t, j] -= f * wm[i, j]
     w, m = np.ascontiguousarray(wm[:, :dv]), np.ascontiguousarray(wm[:, dv:])
     np.dot(scores, w, oc)
-    pc -= np.dot(scores, m)
-    np.dot(kd.T, w, ds)
-    tr[:, :] = -np.dot(kd.T, m)
+    pc = p[t0:t0 + n]
+    pc[:, :] = _received(qc, G) - np.dot(scores, m)
+    np.dot(kd, w, ds)
+    tr[:, :] = -np.dot(kd, m)
     for c in range(dk):
-        tr[c, c] += np.exp(G[n - 1, c if per_dim else 0])
+        tr[c, c] += up[n - 1, c if gk > 1 else 0]
 
 
 @njit(cache=True, parallel=True)
 def chunked(q, k, v, g, beta, has_gate, has_beta, chunk, s, o, p, ds, tr):
     """The three passes of the module docstring. ``s`` holds the initial states and receives the
-    final ones; ``p`` (like ``q``), ``ds`` ``(B*H, nc, Dk, Dv)`` and ``tr`` are work arrays."""
+    final ones; ``p`` (like ``q``, with the delta rule only), ``ds`` ``(B*H, nc, Dk, Dv)`` and ``tr``
+    are work arrays."""
     nh, n, _ = q.shape
     nc = (n + chunk - 1) // chunk
     for task in prange(nh * nc):  # 1. every chunk on its own
@@ -219,7 +248,11 @@ def chunked(q, k, v, g, beta, has_gate, has_beta, chunk, s, o, p, ds, tr):
         h, c = task // nc, task % nc
         t0 = c * chunk
         t1 = min(n, t0 + chunk)
-        o[h, t0:t1] += np.dot(p[h, t0:t1], ds[h, c])
+        if has_beta:
+            o[h, t0:t1] += np.dot(p[h, t0:t1], ds[h, c])
+        else:
+            G = _cumulative(g[h], t0, t1 - t0, has_gate)
+            o[h, t0:t1] += np.dot(_received(q[h, t0:t1], G), ds[h, c])
 
 
 # -- the adjoint ------------------------------------------------------------------------------------
@@ -368,8 +401,9 @@ def linear_scan(q, k, v, *, decay=None, beta=None, form="recurrent", chunk_size=
         chunk = n if form == "parallel" else int(chunk_size)
         nc = -(-n // chunk)
         tr = np.zeros((b * h, nc, dk, dk) if beta is not None else (b * h, nc, 1, dk))
-        chunked(q2, k2, v2, g, bt, decay is not None, beta is not None, chunk, s, o,
-                np.empty((b * h, n, dk)), np.empty((b * h, nc, dk, dv)), tr)
+        p = np.empty((b * h, n, dk) if beta is not None else (b * h, 1, 1))
+        chunked(q2, k2, v2, g, bt, decay is not None, beta is not None, chunk, s, o, p,
+                np.empty((b * h, nc, dk, dv)), tr)
     return o.reshape(b, h, n, dv), s.reshape(b, h, dk, dv)
 
 
