@@ -620,3 +620,81 @@ def test_numba_agrees_with_numpy_on_every_variant_and_form():
             b = call(name, arrays, "numba", form=form, chunk_size=16, initial_state=s0)
             close(b[0], a[0], what=f"{name} {form}")
             close(b[1], a[1], what=f"{name} {form} state")
+
+
+# -- the golden files pin what the definitions give ----------------------------------------------------
+def _golden_names():
+    from refattn.golden import cases_linear
+    return [c.name for c in cases_linear.CASES]
+
+
+@pytest.mark.parametrize("name", _golden_names())
+def test_golden_linear_cases_match_the_references_written_here(name):
+    from refattn import golden
+    from refattn.golden.cases import select
+    from refattn.variants.linear import draw_omega
+
+    case = select()[name]
+    stored = golden.load(name)
+    inputs, params, _ = golden.stored_inputs(case, stored)
+    out = stored.arrays["output.out"]
+    var = case.variant
+    if var == "rwkv":
+        state = params.get("initial_state")
+        close(out, wkv_mpmath(inputs["k"], inputs["v"], inputs["w"], inputs["u"], state), tol=1e-13)
+        return
+    bshd = params.get("layout") == "bshd"
+    if bshd:
+        inputs = {n: a.swapaxes(1, 2) for n, a in inputs.items()}
+        out = out.swapaxes(1, 2)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    if var == "performer":
+        omega = params.get("omega")
+        if omega is None:
+            omega = draw_omega(params["num_features"], q.shape[-1], params["seed"],
+                               params.get("features", "orthogonal"))
+        close(out, favor_reference(q, k, v, omega, params.get("causal", False),
+                                   params.get("kernel", "softmax")))
+        return
+    if var == "linear":
+        s0 = params.get("initial_state")
+        fmap, scale = params.get("feature_map", "elu+1"), params.get("scale", 1.0)
+        if s0 is None:
+            want = linear_reference(q, k, v, feature_map=fmap, causal=params.get("causal", False),
+                                    normalize=params.get("normalize", True), scale=scale)
+        else:  # a causal sum that starts from S0 (and z0, its last column, when normalising)
+            fq, fk = phi_reference(q, fmap), phi_reference(k, fmap)
+            w = np.tril(np.einsum("bhid,bhjd->bhij", fq, fk))
+            num = scale * (w @ v + fq @ s0[..., : v.shape[-1]])
+            if params.get("normalize", True):
+                den = scale * (w.sum(-1) + np.einsum("bhid,bhd->bhi", fq, s0[..., -1]))
+                want = num / (den[..., None] + 1e-6)
+            else:
+                want = num
+        close(out, want)
+        return
+    want_o, want_s = gated_reference(var, inputs, scale=params.get("scale"),
+                                     s0=params.get("initial_state"),
+                                     qk_l2norm=params.get("qk_l2norm", False))
+    close(out, want_o)
+    close(stored.arrays["output.final_state"], want_s)
+
+
+@pytest.mark.parametrize("name", [n for n in _golden_names() if "performer" not in n])
+def test_golden_linear_gradients_match_finite_differences(name):
+    from refattn import golden
+    from refattn.golden.cases import select
+
+    case = select()[name]
+    stored = golden.load(name)
+    inputs, params, dout = golden.stored_inputs(case, stored)
+    inputs = {n: np.array(a) for n, a in inputs.items()}
+
+    def loss():
+        return float(np.sum(refattn.attention(variant=case.variant, **inputs, **params) * dout))
+
+    var = refattn.variants.get(case.variant)
+    for n in inputs:
+        key = f"grad.d{n}" if (n in ("q", "k", "v") or not var.on_qkv) else f"grad.extras.{n}"
+        for idx, want in fd_grad(loss, inputs[n], max_entries=8).items():
+            assert abs(stored.arrays[key][idx] - want) <= 2e-7 * max(1.0, abs(want)), (n, idx)

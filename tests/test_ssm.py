@@ -367,3 +367,60 @@ def test_one_step_and_empty_sequences():
         x2 = mamba2_inputs(rng, b=1, length=length)
         y, h = ssm.ssd(**x2, return_final_states=True)
         assert y.shape == (1, length, 4, 3) and h.shape == (1, 4, 3, 5)
+
+
+# -- the golden files pin what the definitions give ----------------------------------------------------
+def _golden_names():
+    from refattn.golden import cases_ssm
+    return [c.name for c in cases_ssm.CASES]
+
+
+def _zoh_by_eigen(A, B, dt, method):
+    """Discretisation through an eigendecomposition (real, distinct eigenvalues, as HiPPO-LegS's)."""
+    lam, V = np.linalg.eig(A)
+    lam, V = lam.real, V.real
+    Vi = np.linalg.inv(V)
+    if method == "zoh":
+        e = np.exp(dt[:, None] * lam)
+        return (np.einsum("hij,hj,hjk->hik", V, e, Vi),
+                np.einsum("hij,hj,hjk,hk->hi", V, (e - 1) / lam, Vi, B))
+    r = 1 - dt[:, None] * lam / 2
+    return (np.einsum("hij,hj,hjk->hik", V, (1 + dt[:, None] * lam / 2) / r, Vi),
+            np.einsum("hij,hj,hjk,hk->hi", V, dt[:, None] / r, Vi, B))
+
+
+@pytest.mark.parametrize("name", _golden_names())
+def test_golden_ssm_cases_match_the_references_written_here(name):
+    from refattn import golden
+    from refattn.golden.cases import select
+
+    case = select()[name]
+    stored = golden.load(name)
+    x, params, _ = golden.stored_inputs(case, stored)
+    out, state = stored.arrays["output.out"], stored.arrays["output.final_state"]
+    if case.variant == "mamba":
+        want_y, want_h = mamba_loop(**x, D=params.get("D"), z=params.get("z"),
+                                    delta_bias=params.get("delta_bias"),
+                                    delta_softplus=params.get("delta_softplus", False),
+                                    h0=params.get("initial_state"))
+    elif case.variant == "mamba2":
+        dt = x["dt"] + params.get("dt_bias", 0.0)
+        if params.get("dt_softplus"):
+            dt = np.log1p(np.exp(dt))
+        args = dict(x, dt=dt)
+        want_y = ssd_dual(**args, D=params.get("D"), h0=params.get("initial_state"))
+        if "z" in params:
+            want_y = want_y * params["z"] / (1 + np.exp(-params["z"]))
+        want_h = ssd_loop(**args, h0=params.get("initial_state"))[1]
+    else:
+        a_bar, b_bar = _zoh_by_eigen(x["A"], x["B"], x["dt"], params.get("discretization", "zoh"))
+        u = x["u"]
+        want_h = params.get("initial_state", np.zeros(u.shape[:2] + (x["A"].shape[1],)))
+        want_y = np.zeros(u.shape)
+        for t in range(u.shape[2]):
+            want_h = np.einsum("hnm,bhm->bhn", a_bar, want_h) + b_bar * u[:, :, t, None]
+            want_y[:, :, t] = np.einsum("hn,bhn->bh", x["C"], want_h)
+        if "D" in params:
+            want_y = want_y + params["D"][:, None] * u
+    close(out, want_y)
+    close(state, want_h)

@@ -125,4 +125,4 @@ def test_without_the_patch_the_difference_is_float32_sized():
     with torch.no_grad():
         hf = mixer(hidden).numpy()
     err = normwise(refattn_mixer(mixer, hidden, "numpy"), hf)
-    assert 1e-9 < err < 1e-5, err
+    assert 1e-11 < err < 1e-5, err  # measured: about 2e-9
