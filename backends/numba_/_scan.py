@@ -19,10 +19,10 @@
   3. parallel over (batch, head, chunk): each chunk's outputs corrected by the state it received.
 
   So the work is parallel over chunks even at ``B = H = 1``. Tile products go through ``np.dot``
-  (BLAS pinned to one thread by the caller) on C-contiguous operands only. Per-key-dim gates use ``q e^{G} . k e^{-G}`` products
-  when every ``|G|`` in the chunk is at most :data:`SAFE_SPAN` (no overflow, and no precision lost:
-  the exponent of each factor is exact), otherwise the per-pair ``exp(G_tc - G_ic)`` of the
-  definition.
+  (BLAS pinned to one thread by the caller) on C-contiguous operands only. Within a chunk the
+  decayed products are ``(q e^{G}) . (k e^{-G})`` when every ``|G|`` in the chunk is at most
+  :data:`SAFE_SPAN` (no overflow, and no precision lost: each factor's exponent is exact),
+  otherwise the per-pair ``exp(G_tc - G_ic)`` of the definition.
 * ``linear_scan_backward``: the adjoint recurrence, parallel over (batch, head); the forward states
   are kept every ``chunk`` steps and recomputed chunk by chunk on the way back.
 * ``wkv``: RWKV-4's running-maximum recurrence, parallel over (batch, block of channels).
@@ -120,34 +120,54 @@ def _transposed(a):
 
 
 @njit(cache=True)
-def _decayed_products(x, y, G, strict, out):
+def _per_key(G, d):
+    """``G`` ``(n, 1 | d)`` as ``(n, d)`` (a per-head gate repeated over the key dims)."""
+    if G.shape[1] == d:
+        return G
+    out = np.empty((G.shape[0], d))
+    for t in range(G.shape[0]):
+        for c in range(d):
+            out[t, c] = G[t, 0]
+    return out
+
+
+@njit(cache=True)
+def _scale_rows(x, e):
+    """``x[t, c] * e[t, c]`` with ``e`` ``(n, 1 | d)``: a new array."""
+    n, d = x.shape
+    out = np.empty((n, d))
+    per_dim = e.shape[1] > 1
+    for t in range(n):
+        if per_dim:
+            for c in range(d):
+                out[t, c] = x[t, c] * e[t, c]
+        else:
+            et = e[t, 0]
+            for c in range(d):
+                out[t, c] = x[t, c] * et
+    return out
+
+
+@njit(cache=True)
+def _decayed_products(x, y, G, has_gate, strict, out):
     """``out[t, i] = sum_c x_tc y_ic exp(G_tc - G_ic)`` for ``i <= t`` (``i < t`` if ``strict``),
     0 above (``G`` has one column, or one per key dim)."""
     n, d = x.shape
-    safe = np.max(np.abs(G)) <= SAFE_SPAN if n else True
-    if G.shape[1] == 1:  # one gate per head: scale the plain products
-        np.dot(x, _transposed(y), out)
-        if safe:  # exp(G_t - G_i) = e^{G_t} e^{-G_i}: n exponentials instead of n^2 / 2
-            up, down = np.exp(G[:, 0]), np.exp(-G[:, 0])
+    safe = (np.max(np.abs(G)) <= SAFE_SPAN) if n and has_gate else True
+    if not has_gate or G.shape[1] == 1 or safe:
+        if has_gate and safe:  # x e^{G} . y e^{-G}: no overflow possible, no per-pair exponential
+            np.dot(_scale_rows(x, np.exp(G)), _transposed(_scale_rows(y, np.exp(-G))), out)
+        else:
+            np.dot(x, _transposed(y), out)
+        if has_gate and not safe:  # one gate per head: the pair's factor exp(G_t - G_i) alone
+            for t in range(n):
+                for i in range(t + (0 if strict else 1)):
+                    out[t, i] *= np.exp(G[t, 0] - G[i, 0])
         for t in range(n):
-            for i in range(n):
-                if i < t or (i == t and not strict):
-                    out[t, i] *= up[t] * down[i] if safe else np.exp(G[t, 0] - G[i, 0])
-                else:
-                    out[t, i] = 0.0
-        return
-    if safe:  # factorised: x e^{G} . y e^{-G}, no overflow possible
-        xs, ys = np.empty((n, d)), np.empty((n, d))
-        for t in range(n):
-            for c in range(d):
-                xs[t, c] = x[t, c] * np.exp(G[t, c])
-                ys[t, c] = y[t, c] * np.exp(-G[t, c])
-        np.dot(xs, _transposed(ys), out)
-        for t in range(n):
-            for i in range(t if strict else t + 1, n):
+            for i in range(t + (0 if strict else 1), n):
                 out[t, i] = 0.0
         return
-    for t in range(n):  # strong decay: the exponent per pair, as in the definition
+    for t in range(n):  # strong per-key-dim decay: the exponent per pair, as in the definition
         for i in range(n):
             acc = 0.0
             if i < t or (i == t and not strict):
@@ -157,14 +177,9 @@ def _decayed_products(x, y, G, strict, out):
 
 
 @njit(cache=True)
-def _received(qc, G):
+def _received(qc, G, has_gate):
     """Rows ``q_t e^{G_t}``: how step t of a chunk reads the state the chunk received."""
-    n, dk = qc.shape
-    out = np.empty((n, dk))
-    for t in range(n):
-        for c in range(dk):
-            out[t, c] = qc[t, c] * np.exp(G[t, c if G.shape[1] > 1 else 0])
-    return out
+    return _scale_rows(qc, np.exp(G)) if has_gate else qc.copy()
 
 
 @njit(cache=True)
@@ -183,11 +198,8 @@ def _chunk_local(q, k, v, g, beta, has_gate, has_beta, t0, n, o, p, ds, tr):
         for c in range(gk):
             to_end[t, c] = np.exp(G[n - 1, c] - G[t, c])
     scores = np.empty((n, n))
-    _decayed_products(qc, kc, G, False, scores)
-    kd = np.empty((dk, n))  # keys decayed to the chunk's end, transposed
-    for t in range(n):
-        for c in range(dk):
-            kd[c, t] = kc[t, c] * to_end[t, c if gk > 1 else 0]
+    _decayed_products(qc, kc, G, has_gate, False, scores)
+    kd = _transposed(_scale_rows(kc, to_end) if has_gate else kc)  # keys decayed to the end, (Dk, n)
     oc = o[t0:t0 + n]
     if not has_beta:
         np.dot(scores, vc, oc)
@@ -197,7 +209,7 @@ def _chunk_local(q, k, v, g, beta, has_gate, has_beta, t0, n, o, p, ds, tr):
         return
     # delta rule: (I + diag(beta) A) [W | M] = diag(beta) [V | K e^G], A strictly lower
     a = np.empty((n, n))
-    _decayed_products(kc, kc, G, True, a)
+    _decayed_products(kc, kc, G, has_gate, True, a)
     wm = np.empty((n, dv + dk))
     for t in range(n):
         bt = beta[t0 + t]
@@ -212,7 +224,7 @@ def _chunk_local(q, k, v, g, beta, has_gate, has_beta, t0, n, o, p, ds, tr):
     w, m = np.ascontiguousarray(wm[:, :dv]), np.ascontiguousarray(wm[:, dv:])
     np.dot(scores, w, oc)
     pc = p[t0:t0 + n]
-    pc[:, :] = _received(qc, G) - np.dot(scores, m)
+    pc[:, :] = _received(qc, G, has_gate) - np.dot(scores, m)
     np.dot(kd, w, ds)
     tr[:, :] = -np.dot(kd, m)
     for c in range(dk):
@@ -234,16 +246,18 @@ def chunked(q, k, v, g, beta, has_gate, has_beta, chunk, s, o, p, ds, tr):
     for h in prange(nh):  # 2. the state at every chunk's start (kept in ds)
         st = s[h]
         for c in range(nc):
+            add = ds[h, c]
             if has_beta:
-                nxt = np.dot(tr[h, c], st)
-            else:
-                nxt = st.copy()
+                nxt = np.dot(tr[h, c], st) + add
+                add[:, :] = st
+                st[:, :] = nxt
+            else:  # S <- diag(T) S + dS, and dS <- the old S, in one pass
                 for r in range(st.shape[0]):
+                    a = tr[h, c, 0, r]
                     for j in range(st.shape[1]):
-                        nxt[r, j] *= tr[h, c, 0, r]
-            nxt += ds[h, c]
-            ds[h, c] = st
-            st[:, :] = nxt
+                        old = st[r, j]
+                        st[r, j] = a * old + add[r, j]
+                        add[r, j] = old
     for task in prange(nh * nc):  # 3. outputs corrected by the state each chunk received
         h, c = task // nc, task % nc
         t0 = c * chunk
@@ -252,7 +266,7 @@ def chunked(q, k, v, g, beta, has_gate, has_beta, chunk, s, o, p, ds, tr):
             o[h, t0:t1] += np.dot(p[h, t0:t1], ds[h, c])
         else:
             G = _cumulative(g[h], t0, t1 - t0, has_gate)
-            o[h, t0:t1] += np.dot(_received(q[h, t0:t1], G), ds[h, c])
+            o[h, t0:t1] += np.dot(_received(q[h, t0:t1], G, has_gate), ds[h, c])
 
 
 # -- the adjoint ------------------------------------------------------------------------------------

@@ -1,0 +1,178 @@
+"""Throughput of the linear scan: numba chunked against the numpy recurrent form and PyTorch.
+
+    python benchmarks/linear_scan.py [--length 65536] [--dim 64] [--chunk 64] [--repeats 3]
+                                     [--gated yes|no] [--cumsum yes|no] [--json out.json]
+
+One head (B = H = 1), float64, the ungated linear-attention recurrence ``S_t = S_{t-1} + k_t v_t^T``,
+``o_t = S_t^T q_t`` (and, with ``--gated yes``, the same with one scalar log-gate per step,
+simple_gla's ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``). In the same run, interleaved round after round,
+fastest round reported:
+
+* ``numba chunked`` -- ``refattn.backends.get("numba").linear_scan(form="chunked")``, the subject;
+* ``numba recurrent`` and ``numpy chunked`` -- for context;
+* ``numpy recurrent`` -- the readable definition, the baseline of the 20x target;
+* ``torch recurrent`` -- a Python loop over the steps, one outer-product update and one
+  matrix-vector product per step (float64 tensors);
+* ``torch chunked`` -- fla's ``naive_chunk_linear_attn`` algorithm in float64: per chunk
+  ``K^T V``, an exclusive prefix sum of those over the chunks, then ``Q S_prev`` plus the masked
+  intra-chunk ``tril(Q K^T) V``, all batched (gated: a loop over chunks carrying the state);
+* ``torch cumsum`` -- every state materialised: ``cumsum_t(k_t v_t^T)`` in place, then
+  ``o_t = S_t^T q_t``: ``L * D * D * 8`` bytes (2 GiB at L = 65536, D = 64; skipped with a note when
+  that is more than half the available memory).
+
+Every output is checked against the numpy recurrent one (normwise relative error printed). Torch is
+imported before numba's threads start (see BENCHMARKS.md: the other order slows torch down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch  # first: numba's OpenMP layer started before torch slows torch down
+
+import numpy as np
+
+from refattn import backends
+
+
+def torch_recurrent(q, k, v, g=None):
+    L, d = q.shape
+    S = torch.zeros(d, v.shape[1], dtype=torch.float64)
+    o = torch.empty(L, v.shape[1], dtype=torch.float64)
+    a = None if g is None else torch.exp(g)
+    for t in range(L):
+        if a is not None:
+            S.mul_(a[t])
+        S.add_(torch.outer(k[t], v[t]))
+        o[t] = q[t] @ S
+    return o
+
+
+def torch_chunked(q, k, v, chunk, g=None):
+    L, d = q.shape
+    n = L // chunk
+    qc, kc, vc = (x.reshape(n, chunk, x.shape[1]) for x in (q, k, v))
+    mask = torch.tril(torch.ones(chunk, chunk, dtype=torch.bool))
+    if g is None:
+        kv = kc.transpose(1, 2) @ vc  # (n, d, dv)
+        prev = torch.cumsum(kv, 0) - kv  # the state each chunk receives
+        intra = (qc @ kc.transpose(1, 2)).masked_fill_(~mask, 0.0) @ vc
+        return (qc @ prev + intra).reshape(L, -1)
+    G = torch.cumsum(g.reshape(n, chunk), 1)  # log-decay from each chunk's start
+    decay = torch.exp((G[:, :, None] - G[:, None, :]).masked_fill(~mask, -torch.inf))
+    intra = ((qc @ kc.transpose(1, 2)) * decay) @ vc
+    kd = kc * torch.exp(G[:, -1:] - G)[..., None]
+    qd = qc * torch.exp(G)[..., None]
+    out = torch.empty(n, chunk, v.shape[1], dtype=torch.float64)
+    S = torch.zeros(d, v.shape[1], dtype=torch.float64)
+    for c in range(n):
+        out[c] = qd[c] @ S + intra[c]
+        S = torch.exp(G[c, -1]) * S + kd[c].T @ vc[c]
+    return out.reshape(L, -1)
+
+
+def torch_cumsum(q, k, v):
+    states = k[:, :, None] * v[:, None, :]  # (L, d, dv): every k_t v_t^T ...
+    states.cumsum_(0)  # ... then every state S_t, in place
+    return torch.einsum("tk,tkv->tv", q, states)
+
+
+def _available_bytes():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--length", type=int, default=65536)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gated", choices=("yes", "no"), default="yes")
+    ap.add_argument("--cumsum", choices=("yes", "no"), default="yes")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    L, d, chunk = args.length, args.dim, args.chunk
+    if L % chunk:
+        ap.error("--length must be a multiple of --chunk (the torch chunked form does not pad)")
+
+    print(f"load average before: {os.getloadavg()}")
+    print(f"torch {torch.__version__} threads {torch.get_num_threads()}, numpy {np.__version__}")
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 1, L, d)) / d ** 0.5 for _ in range(3))
+    g = -rng.uniform(0.0, 0.1, (1, 1, L))
+    tq, tk, tv, tg = (torch.from_numpy(np.ascontiguousarray(x[0, 0])) for x in (q, k, v, g))
+    npb, nb = backends.get("numpy"), backends.get("numba")
+    import numba
+    print(f"numba {numba.__version__} threads {numba.get_num_threads()}")
+
+    t0 = time.perf_counter()  # compile (or load from cache) outside the timings
+    nb.linear_scan(q[:, :, :256], k[:, :, :256], v[:, :, :256], form="chunked", chunk_size=chunk)
+    nb.linear_scan(q[:, :, :256], k[:, :, :256], v[:, :, :256], decay=g[:, :, :256], form="recurrent")
+    print(f"numba first calls (compile or cache load): {time.perf_counter() - t0:.1f} s")
+
+    state_bytes = L * d * d * 8
+    avail = _available_bytes()
+    cumsum = args.cumsum == "yes" and (avail is None or state_bytes <= avail // 2)
+    if args.cumsum == "yes" and not cumsum:
+        print(f"torch cumsum skipped: {state_bytes / 2 ** 30:.2f} GiB of states > half the "
+              f"available {avail / 2 ** 30:.2f} GiB")
+
+    def as_np(x):
+        return x.numpy()[None, None]
+
+    runs = {}
+    for gated in ([False, True] if args.gated == "yes" else [False]):
+        dec, tdec = (g, tg) if gated else (None, None)
+        impls = {
+            "numba chunked": lambda: nb.linear_scan(q, k, v, decay=dec, form="chunked", chunk_size=chunk)[0],
+            "numba recurrent": lambda: nb.linear_scan(q, k, v, decay=dec, form="recurrent")[0],
+            "numpy recurrent": lambda: npb.linear_scan(q, k, v, decay=dec, form="recurrent")[0],
+            "numpy chunked": lambda: npb.linear_scan(q, k, v, decay=dec, form="chunked", chunk_size=chunk)[0],
+            "torch recurrent": lambda: as_np(torch_recurrent(tq, tk, tv, tdec)),
+            "torch chunked": lambda: as_np(torch_chunked(tq, tk, tv, chunk, tdec)),
+        }
+        if cumsum and not gated:
+            impls["torch cumsum"] = lambda: as_np(torch_cumsum(tq, tk, tv))
+        best = {n: float("inf") for n in impls}
+        outs = {}
+        with torch.no_grad():
+            for _ in range(args.repeats):
+                for name, fn in impls.items():
+                    t0 = time.perf_counter()
+                    outs[name] = fn()
+                    best[name] = min(best[name], time.perf_counter() - t0)
+        ref = outs["numpy recurrent"]
+        label = "gated (simple_gla)" if gated else "ungated (linear)"
+        print(f"\nB=H=1 L={L} D={d} chunk={chunk} float64, {label}, best of {args.repeats}")
+        print(f"{'impl':<16} {'seconds':>9} {'Mtok/s':>8} {'GFLOP/s':>8} {'vs numpy rec':>13} "
+              f"{'err vs numpy rec':>17}")
+        rows = []
+        for name, sec in best.items():
+            err = float(np.linalg.norm(outs[name] - ref) / np.linalg.norm(ref))
+            ratio = best["numpy recurrent"] / sec
+            gflops = 4.0 * L * d * d / sec / 1e9  # update and read of a D x D state per step
+            print(f"{name:<16} {sec:9.4f} {L / sec / 1e6:8.3f} {gflops:8.2f} {ratio:12.1f}x {err:17.2e}")
+            rows.append({"impl": name, "seconds": sec, "ratio_vs_numpy_recurrent": ratio,
+                         "normwise_err": err, "gflops": gflops})
+        runs[label] = rows
+        target = best["numpy recurrent"] / best["numba chunked"]
+        print(f"numba chunked vs numpy recurrent: {target:.1f}x (target >= 20x: "
+              f"{'met' if target >= 20 else 'NOT met'})")
+    print(f"\nload average after: {os.getloadavg()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"length": L, "dim": d, "chunk": chunk, "runs": runs}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
