@@ -698,3 +698,24 @@ def test_golden_linear_gradients_match_finite_differences(name):
         key = f"grad.d{n}" if (n in ("q", "k", "v") or not var.on_qkv) else f"grad.extras.{n}"
         for idx, want in fd_grad(loss, inputs[n], max_entries=8).items():
             assert abs(stored.arrays[key][idx] - want) <= 2e-7 * max(1.0, abs(want)), (n, idx)
+
+
+def test_linear_and_performer_take_fla_layout():
+    rng = np.random.default_rng(30)
+    q, k, v = (rng.standard_normal((2, 3, 11, 4)) for _ in range(3))
+    t = [np.ascontiguousarray(a.swapaxes(1, 2)) for a in (q, k, v)]
+    for name, params in (("linear", {"causal": True}), ("performer", {"causal": True, "seed": 5})):
+        a = refattn.attention(q, k, v, variant=name, **params)
+        b = refattn.attention(*t, variant=name, layout="bshd", **params)
+        np.testing.assert_allclose(b.swapaxes(1, 2), a, rtol=0, atol=1e-14)
+    with pytest.raises(ShapeError, match=r"^q: expected rank 4 \(B, L, H, D\) in layout 'bshd'"):
+        refattn.attention(q[0], k, v, variant="linear", layout="bshd")
+
+
+def test_packed_batches_are_refused_for_variants_without_an_lse():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((7, 2, 4)) for _ in range(3))
+    cu = np.array([0, 3, 7])
+    with pytest.raises(ParameterError, match=r"^cu_seqlens_q: packed batches need an attention "
+                                             r"variant .* 'retention' has no LSE"):
+        refattn.attention(q, k, v, variant="retention", cu_seqlens_q=cu, cu_seqlens_k=cu)
