@@ -12,6 +12,10 @@ Array conventions for every primitive
   for a row that sees no key; such a row's output is 0;
 * nothing is modified in place.
 
+The recurrences (:meth:`Backend.linear_scan`, its adjoint, :meth:`Backend.wkv`) take their own
+shapes, given in their docstrings; a backend that lacks one raises
+:class:`refattn.errors.BackendUnavailable` (never a fallback to another backend).
+
 The records :class:`ScoreMod` and :class:`Dropout` are declarative (no Python callables) so
 compiled backends can implement them.
 """
