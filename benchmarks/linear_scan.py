@@ -1,12 +1,12 @@
 """Throughput of the linear scan: numba chunked against the numpy recurrent form and PyTorch.
 
     python benchmarks/linear_scan.py [--length 65536] [--dim 64] [--chunk 64] [--repeats 3]
-                                     [--gated yes|no] [--cumsum yes|no] [--json out.json]
+                                     [--inner 3] [--gated yes|no] [--cumsum yes|no] [--json out.json]
 
 One head (B = H = 1), float64, the ungated linear-attention recurrence ``S_t = S_{t-1} + k_t v_t^T``,
 ``o_t = S_t^T q_t`` (and, with ``--gated yes``, the same with one scalar log-gate per step,
 simple_gla's ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``). In the same run, interleaved round after round,
-fastest round reported:
+fastest call reported:
 
 * ``numba chunked`` -- ``refattn.backends.get("numba").linear_scan(form="chunked")``, the subject;
 * ``numba recurrent`` and ``numpy chunked`` -- for context;
@@ -20,8 +20,12 @@ fastest round reported:
   ``o_t = S_t^T q_t``: ``L * D * D * 8`` bytes (2 GiB at L = 65536, D = 64; skipped with a note when
   that is more than half the available memory).
 
-Every output is checked against the numpy recurrent one (normwise relative error printed). Torch is
-imported before numba's threads start (see BENCHMARKS.md: the other order slows torch down).
+Every implementation runs in a fresh process of its own (``--impl NAME``, started by the main
+process round after round; ``--inner`` timed calls each, the fastest of all counts): torch bundles its own OpenMP runtime and numba uses the system's, and in
+one process the two slow each other down -- measured here, torch's gated chunked loop went from 0.24 s
+to 4.2 s after a single numba call, even with torch imported first. Inside a worker, the first call
+(compilation, cache load, first-touch page faults) is not timed. Every output is checked against the numpy
+recurrent one (normwise relative error printed).
 """
 
 from __future__ import annotations
@@ -29,16 +33,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
-
-import torch  # first: numba's OpenMP layer started before torch slows torch down
 
 import numpy as np
 
-from refattn import backends
+IMPLS = ("numba chunked", "numba recurrent", "numpy recurrent", "numpy chunked", "torch recurrent",
+         "torch chunked", "torch cumsum")
 
 
 def torch_recurrent(q, k, v, g=None):
+    import torch
     L, d = q.shape
     S = torch.zeros(d, v.shape[1], dtype=torch.float64)
     o = torch.empty(L, v.shape[1], dtype=torch.float64)
@@ -52,6 +59,7 @@ def torch_recurrent(q, k, v, g=None):
 
 
 def torch_chunked(q, k, v, chunk, g=None):
+    import torch
     L, d = q.shape
     n = L // chunk
     qc, kc, vc = (x.reshape(n, chunk, x.shape[1]) for x in (q, k, v))
@@ -75,6 +83,7 @@ def torch_chunked(q, k, v, chunk, g=None):
 
 
 def torch_cumsum(q, k, v):
+    import torch
     states = k[:, :, None] * v[:, None, :]  # (L, d, dv): every k_t v_t^T ...
     states.cumsum_(0)  # ... then every state S_t, in place
     return torch.einsum("tk,tkv->tv", q, states)
@@ -91,35 +100,72 @@ def _available_bytes():
     return None
 
 
+def inputs(length, dim):
+    """The benchmark's inputs, the same in every worker: ``q, k, v`` ``(1, 1, L, D)`` scaled by
+    ``D^-1/2``, log-gates ``(1, 1, L)`` in ``[-0.1, 0]``."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 1, length, dim)) / dim ** 0.5 for _ in range(3))
+    return q, k, v, -rng.uniform(0.0, 0.1, (1, 1, length))
+
+
+def worker(name, length, dim, chunk, gated, out_path, inner):
+    """Time ``inner`` calls of ``name`` after an untimed first one, in this process (the fastest
+    counts); save the output."""
+    q, k, v, g = inputs(length, dim)
+    dec = g if gated else None
+    if name.startswith("torch"):
+        import torch
+        tq, tk, tv, tg = (torch.from_numpy(np.ascontiguousarray(x[0, 0])) for x in (q, k, v, g))
+        tdec = tg if gated else None
+        fn = {"torch recurrent": lambda: torch_recurrent(tq, tk, tv, tdec),
+              "torch chunked": lambda: torch_chunked(tq, tk, tv, chunk, tdec),
+              "torch cumsum": lambda: torch_cumsum(tq, tk, tv)}[name]
+        run = lambda: fn().numpy()[None, None]  # noqa: E731
+        ctx = torch.no_grad()
+    else:
+        from refattn import backends
+        import contextlib
+        be = backends.get(name.split()[0])
+        form = name.split()[1]
+        run = lambda: be.linear_scan(q, k, v, decay=dec, form=form, chunk_size=chunk)[0]  # noqa: E731
+        ctx = contextlib.nullcontext()
+    with ctx:
+        t0 = time.perf_counter()
+        out = run()
+        first = time.perf_counter() - t0
+        sec = float("inf")
+        for _ in range(inner):
+            t0 = time.perf_counter()
+            out = run()
+            sec = min(sec, time.perf_counter() - t0)
+    if out_path:
+        np.save(out_path, out)
+    print(json.dumps({"impl": name, "seconds": sec, "first_call": first}))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--length", type=int, default=65536)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds (a fresh process each)")
+    ap.add_argument("--inner", type=int, default=3, help="timed calls per process")
     ap.add_argument("--gated", choices=("yes", "no"), default="yes")
     ap.add_argument("--cumsum", choices=("yes", "no"), default="yes")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--impl", choices=IMPLS, default=None, help="worker mode: time this one")
+    ap.add_argument("--out", default=None, help="worker mode: save the output here (.npy)")
     args = ap.parse_args(argv)
     L, d, chunk = args.length, args.dim, args.chunk
     if L % chunk:
         ap.error("--length must be a multiple of --chunk (the torch chunked form does not pad)")
 
-    print(f"load average before: {os.getloadavg()}")
-    print(f"torch {torch.__version__} threads {torch.get_num_threads()}, numpy {np.__version__}")
-    rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((1, 1, L, d)) / d ** 0.5 for _ in range(3))
-    g = -rng.uniform(0.0, 0.1, (1, 1, L))
-    tq, tk, tv, tg = (torch.from_numpy(np.ascontiguousarray(x[0, 0])) for x in (q, k, v, g))
-    npb, nb = backends.get("numpy"), backends.get("numba")
-    import numba
-    print(f"numba {numba.__version__} threads {numba.get_num_threads()}")
-
-    t0 = time.perf_counter()  # compile (or load from cache) outside the timings
-    nb.linear_scan(q[:, :, :256], k[:, :, :256], v[:, :, :256], form="chunked", chunk_size=chunk)
-    nb.linear_scan(q[:, :, :256], k[:, :, :256], v[:, :, :256], decay=g[:, :, :256], form="recurrent")
-    print(f"numba first calls (compile or cache load): {time.perf_counter() - t0:.1f} s")
-
+    if args.impl:
+        worker(args.impl, L, d, chunk, args.gated == "yes", args.out, args.inner)
+        return
+    from importlib.metadata import version
+    print(f"numpy {version('numpy')}, numba {version('numba')}, torch {version('torch')}, "
+          f"{os.cpu_count()} CPUs; load average before: {os.getloadavg()}")
     state_bytes = L * d * d * 8
     avail = _available_bytes()
     cumsum = args.cumsum == "yes" and (avail is None or state_bytes <= avail // 2)
@@ -127,47 +173,50 @@ def main(argv=None):
         print(f"torch cumsum skipped: {state_bytes / 2 ** 30:.2f} GiB of states > half the "
               f"available {avail / 2 ** 30:.2f} GiB")
 
-    def as_np(x):
-        return x.numpy()[None, None]
+    def launch(name, gated, out_path):
+        cmd = [sys.executable, os.path.abspath(__file__), "--impl", name, "--length", str(L),
+               "--dim", str(d), "--chunk", str(chunk), "--gated", "yes" if gated else "no",
+               "--inner", str(args.inner)]
+        if out_path:
+            cmd += ["--out", out_path]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return json.loads(res.stdout.strip().splitlines()[-1])
 
     runs = {}
-    for gated in ([False, True] if args.gated == "yes" else [False]):
-        dec, tdec = (g, tg) if gated else (None, None)
-        impls = {
-            "numba chunked": lambda: nb.linear_scan(q, k, v, decay=dec, form="chunked", chunk_size=chunk)[0],
-            "numba recurrent": lambda: nb.linear_scan(q, k, v, decay=dec, form="recurrent")[0],
-            "numpy recurrent": lambda: npb.linear_scan(q, k, v, decay=dec, form="recurrent")[0],
-            "numpy chunked": lambda: npb.linear_scan(q, k, v, decay=dec, form="chunked", chunk_size=chunk)[0],
-            "torch recurrent": lambda: as_np(torch_recurrent(tq, tk, tv, tdec)),
-            "torch chunked": lambda: as_np(torch_chunked(tq, tk, tv, chunk, tdec)),
-        }
-        if cumsum and not gated:
-            impls["torch cumsum"] = lambda: as_np(torch_cumsum(tq, tk, tv))
-        best = {n: float("inf") for n in impls}
-        outs = {}
-        with torch.no_grad():
-            for _ in range(args.repeats):
-                for name, fn in impls.items():
-                    t0 = time.perf_counter()
-                    outs[name] = fn()
-                    best[name] = min(best[name], time.perf_counter() - t0)
-        ref = outs["numpy recurrent"]
-        label = "gated (simple_gla)" if gated else "ungated (linear)"
-        print(f"\nB=H=1 L={L} D={d} chunk={chunk} float64, {label}, best of {args.repeats}")
-        print(f"{'impl':<16} {'seconds':>9} {'Mtok/s':>8} {'GFLOP/s':>8} {'vs numpy rec':>13} "
-              f"{'err vs numpy rec':>17}")
-        rows = []
-        for name, sec in best.items():
-            err = float(np.linalg.norm(outs[name] - ref) / np.linalg.norm(ref))
-            ratio = best["numpy recurrent"] / sec
-            gflops = 4.0 * L * d * d / sec / 1e9  # update and read of a D x D state per step
-            print(f"{name:<16} {sec:9.4f} {L / sec / 1e6:8.3f} {gflops:8.2f} {ratio:12.1f}x {err:17.2e}")
-            rows.append({"impl": name, "seconds": sec, "ratio_vs_numpy_recurrent": ratio,
-                         "normwise_err": err, "gflops": gflops})
-        runs[label] = rows
-        target = best["numpy recurrent"] / best["numba chunked"]
-        print(f"numba chunked vs numpy recurrent: {target:.1f}x (target >= 20x: "
-              f"{'met' if target >= 20 else 'NOT met'})")
+    with tempfile.TemporaryDirectory() as tmp:
+        for gated in ([False, True] if args.gated == "yes" else [False]):
+            names = [n for n in IMPLS if n != "torch cumsum" or (cumsum and not gated)]
+            best = {n: float("inf") for n in names}
+            first = {}
+            for r in range(args.repeats):
+                for name in names:
+                    path = os.path.join(tmp, name.replace(" ", "_") + ".npy") if r == 0 else None
+                    res = launch(name, gated, path)
+                    best[name] = min(best[name], res["seconds"])
+                    first.setdefault(name, res["first_call"])
+            outs = {n: np.load(os.path.join(tmp, n.replace(" ", "_") + ".npy")) for n in names}
+            ref = outs["numpy recurrent"]
+            label = "gated (simple_gla)" if gated else "ungated (linear)"
+            print(f"\nB=H=1 L={L} D={d} chunk={chunk} float64, {label}, best of {args.repeats} "
+                  f""
+                  f"rounds x {args.inner} calls (a fresh process per round, after an untimed first "
+                  f"call)")
+            print(f"{'impl':<16} {'seconds':>9} {'Mtok/s':>8} {'GFLOP/s':>8} {'vs numpy rec':>13} "
+                  f"{'err vs numpy rec':>17} {'first call':>11}")
+            rows = []
+            for name in names:
+                sec = best[name]
+                err = float(np.linalg.norm(outs[name] - ref) / np.linalg.norm(ref))
+                ratio = best["numpy recurrent"] / sec
+                gflops = 4.0 * L * d * d / sec / 1e9  # update and read of a D x D state per step
+                print(f"{name:<16} {sec:9.4f} {L / sec / 1e6:8.3f} {gflops:8.2f} {ratio:12.1f}x "
+                      f"{err:17.2e} {first[name]:10.2f}s")
+                rows.append({"impl": name, "seconds": sec, "ratio_vs_numpy_recurrent": ratio,
+                             "normwise_err": err, "gflops": gflops, "first_call": first[name]})
+            runs[label] = rows
+            target = best["numpy recurrent"] / best["numba chunked"]
+            print(f"numba chunked vs numpy recurrent: {target:.1f}x (target >= 20x: "
+                  f"{'met' if target >= 20 else 'NOT met'})")
     print(f"\nload average after: {os.getloadavg()}")
     if args.json:
         with open(args.json, "w") as f:

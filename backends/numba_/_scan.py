@@ -265,9 +265,11 @@ def chunked(q, k, v, g, beta, has_gate, has_beta, chunk, s, o, p, ds, tr):
         t1 = min(n, t0 + chunk)
         if has_beta:
             o[h, t0:t1] += np.dot(p[h, t0:t1], ds[h, c])
-        else:
+        elif has_gate:
             G = _cumulative(g[h], t0, t1 - t0, has_gate)
             o[h, t0:t1] += np.dot(_received(q[h, t0:t1], G, has_gate), ds[h, c])
+        else:
+            o[h, t0:t1] += np.dot(q[h, t0:t1], ds[h, c])
 
 
 # -- the adjoint ------------------------------------------------------------------------------------
