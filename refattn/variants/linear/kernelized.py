@@ -20,7 +20,10 @@ relu(omega x) + eps``, ``eps = 1e-3`` (no ``x'``). ``out = phi(q)^T S / phi(q)^T
 ``omega``: orthogonal (default: ``D x D`` blocks, each the transposed Q of the QR of a Gaussian
 matrix, stacked to ``m`` rows, the rows scaled by the norms of the rows of an ``m x D`` Gaussian
 matrix: chi-distributed) or i.i.d. Gaussian, drawn with ``numpy.random.default_rng(seed)`` in that
-order -- or an explicit ``omega``, so a user can feed in their implementation's draw.
+order -- or an explicit ``omega``, so a user can feed in their implementation's draw. ``performer``
+has no ``initial_state``/``final_state``: the key stabiliser is a maximum over the whole call's keys,
+so a state carried from one call into the next would mix two stabilisers. It has no backward either
+(the maxima make it piecewise; a gradient check would test the stabiliser, not the estimator).
 """
 
 from __future__ import annotations
