@@ -150,14 +150,35 @@ def _scale_rows(x, e):
 
 
 @njit(cache=True)
+def _scaled_transposed(y, e):
+    """``(y * e).T`` as a C-contiguous ``(d, n)`` array, ``e`` ``(n, 1 | d)``, in one pass."""
+    n, d = y.shape
+    out = np.empty((d, n))
+    per_dim = e.shape[1] > 1
+    for i in range(n):
+        for c in range(d):
+            out[c, i] = y[i, c] * (e[i, c] if per_dim else e[i, 0])
+    return out
+
+
+@njit(cache=True)
+def _largest_magnitude(G):
+    top = 0.0
+    for t in range(G.shape[0]):
+        for c in range(G.shape[1]):
+            top = max(top, abs(G[t, c]))
+    return top
+
+
+@njit(cache=True)
 def _decayed_products(x, y, G, has_gate, strict, out):
     """``out[t, i] = sum_c x_tc y_ic exp(G_tc - G_ic)`` for ``i <= t`` (``i < t`` if ``strict``),
     0 above (``G`` has one column, or one per key dim)."""
     n, d = x.shape
-    safe = (np.max(np.abs(G)) <= SAFE_SPAN) if n and has_gate else True
+    safe = _largest_magnitude(G) <= SAFE_SPAN if has_gate else True
     if not has_gate or G.shape[1] == 1 or safe:
         if has_gate and safe:  # x e^{G} . y e^{-G}: no overflow possible, no per-pair exponential
-            np.dot(_scale_rows(x, np.exp(G)), _transposed(_scale_rows(y, np.exp(-G))), out)
+            np.dot(_scale_rows(x, np.exp(G)), _scaled_transposed(y, np.exp(-G)), out)
         else:
             np.dot(x, _transposed(y), out)
         if has_gate and not safe:  # one gate per head: the pair's factor exp(G_t - G_i) alone
@@ -200,7 +221,7 @@ def _chunk_local(q, k, v, g, beta, has_gate, has_beta, t0, n, o, p, ds, tr):
             to_end[t, c] = np.exp(G[n - 1, c] - G[t, c])
     scores = np.empty((n, n))
     _decayed_products(qc, kc, G, has_gate, False, scores)
-    kd = _transposed(_scale_rows(kc, to_end) if has_gate else kc)  # keys decayed to the end, (Dk, n)
+    kd = _scaled_transposed(kc, to_end) if has_gate else _transposed(kc)  # decayed to the end, (Dk, n)
     oc = o[t0:t0 + n]
     if not has_beta:
         np.dot(scores, vc, oc)
