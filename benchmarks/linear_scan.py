@@ -25,7 +25,9 @@ process round after round; ``--inner`` timed calls each, the fastest of all coun
 one process the two slow each other down -- measured here, torch's gated chunked loop went from 0.24 s
 to 4.2 s after a single numba call, even with torch imported first. Inside a worker, the first call
 (compilation, cache load, first-touch page faults) is not timed. Every output is checked against the numpy
-recurrent one (normwise relative error printed).
+recurrent one (normwise relative error printed). The run prints the load average and how many cores
+it really got ("cores free": a 2-task numba loop on 2 threads against 1) before and after: on a
+shared machine the parallel numba kernels get one core, not two.
 """
 
 from __future__ import annotations
@@ -143,6 +145,32 @@ def worker(name, length, dim, chunk, gated, out_path, inner):
     print(json.dumps({"impl": name, "seconds": sec, "first_call": first}))
 
 
+def cores_free() -> float:
+    """How many cores this process gets right now: two equal numba tasks on two threads versus one
+    after the other (2.0 on an idle 2-core machine, about 1.0 when another process holds a core)."""
+    import numba
+    from numba import njit, prange
+
+    @njit(parallel=True)
+    def spin(n, reps):
+        out = np.zeros(n)
+        for i in prange(n):
+            acc = 0.0
+            for j in range(reps):
+                acc += np.sqrt(j + i)
+            out[i] = acc
+        return out
+
+    spin(2, 10)
+    times = []
+    for threads in (1, 2):
+        numba.set_num_threads(threads)
+        t0 = time.perf_counter()
+        spin(2, 20_000_000)
+        times.append(time.perf_counter() - t0)
+    return times[0] / times[1]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--length", type=int, default=65536)
@@ -165,7 +193,8 @@ def main(argv=None):
         return
     from importlib.metadata import version
     print(f"numpy {version('numpy')}, numba {version('numba')}, torch {version('torch')}, "
-          f"{os.cpu_count()} CPUs; load average before: {os.getloadavg()}")
+          f"{os.cpu_count()} CPUs; load average before: {os.getloadavg()}; cores free (numba "
+          f"2-thread speedup of a 2-task loop): {cores_free():.2f}")
     state_bytes = L * d * d * 8
     avail = _available_bytes()
     cumsum = args.cumsum == "yes" and (avail is None or state_bytes <= avail // 2)
@@ -217,7 +246,7 @@ def main(argv=None):
             target = best["numpy recurrent"] / best["numba chunked"]
             print(f"numba chunked vs numpy recurrent: {target:.1f}x (target >= 20x: "
                   f"{'met' if target >= 20 else 'NOT met'})")
-    print(f"\nload average after: {os.getloadavg()}")
+    print(f"\nload average after: {os.getloadavg()}; cores free: {cores_free():.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"length": L, "dim": d, "chunk": chunk, "runs": runs}, f, indent=1)
