@@ -12,6 +12,10 @@ Array conventions for every primitive
   for a row that sees no key; such a row's output is 0;
 * nothing is modified in place.
 
+The recurrences (:meth:`Backend.linear_scan`, its adjoint, :meth:`Backend.wkv`) take their own
+shapes, given in their docstrings; a backend that lacks one raises
+:class:`refattn.errors.BackendUnavailable` (never a fallback to another backend).
+
 The records :class:`ScoreMod` and :class:`Dropout` are declarative (no Python callables) so
 compiled backends can implement them.
 """
@@ -133,6 +137,60 @@ class Backend(abc.ABC):
         ``out`` and ``lse`` are what :meth:`attend` returned. ``extras`` holds ``"bias"`` (summed
         to the bias's own shape) and ``"sinks"`` when those are present.
         """
+
+    # -- linear attention and state-space scans (VARIANTS section E) -------------------------------
+    def linear_scan(self, q, k, v, *, decay=None, beta=None, form: str = "recurrent",
+                    chunk_size: int = 64, initial_state=None):
+        """The gated, optionally delta-rule, linear recurrence. Returns ``(o, final_state)``.
+
+        Shapes (``bhsd``): ``q``, ``k`` are ``(B, H, L, Dk)``, ``v`` is ``(B, H, L, Dv)``; ``decay``
+        is None (no decay), ``(B, H, L)`` (one log-gate per head and step) or ``(B, H, L, Dk)`` (one
+        per key dimension); ``beta`` is None or ``(B, H, L)``; ``initial_state`` is None (zeros) or
+        ``(B, H, Dk, Dv)``. ``o`` is ``(B, H, L, Dv)``, ``final_state`` ``(B, H, Dk, Dv)`` -- fla's
+        layout: the state maps keys to values, ``o_t = S_t^T q_t``.
+
+        Per ``(b, h)``, with ``S_{-1} = initial_state`` and ``t = 0 .. L-1``::
+
+            S' = diag(exp(g_t)) S_{t-1}                    (decay first; g in log space)
+            S_t = S' + k_t v_t^T                           (beta None)
+            S_t = S' + beta_t k_t (v_t - S'^T k_t)^T       (delta rule: (I - b k k^T) S' + b k v^T)
+            o_t = S_t^T q_t
+
+        and ``final_state = S_{L-1}`` (``initial_state`` when ``L = 0``). There is no scale:
+        callers scale ``q``. ``form`` chooses how it is evaluated, never what: ``"recurrent"`` (the
+        loop above), ``"chunked"`` (chunks of ``chunk_size`` steps: within a chunk the masked
+        "attention" matrix ``sum_c q_tc k_ic exp(G_tc - G_ic)``, ``G`` the cumulative log-gate from
+        the chunk start, with the delta rule's unit-lower-triangular (WY/UT) solve; between chunks the
+        state), ``"parallel"`` (the same with one chunk of ``L`` steps: the masked-attention dual,
+        O(L^2)). Gates must be finite (``exp(g) = 0`` would make ``G_t - G_i`` undefined).
+        """
+        from refattn.errors import BackendUnavailable
+        raise BackendUnavailable(f"backend: {self.name!r} does not implement linear_scan")
+
+    def linear_scan_backward(self, q, k, v, dout, *, decay=None, beta=None, chunk_size: int = 64,
+                             initial_state=None, dfinal_state=None) -> dict:
+        """Gradients of :meth:`linear_scan` for the upstream gradients ``dout`` of ``o`` (and
+        ``dfinal_state`` of the final state, default 0): a dict with ``"q"``, ``"k"``, ``"v"`` and,
+        where given, ``"decay"``, ``"beta"``, ``"initial_state"`` (each in its argument's shape).
+        It is the adjoint of the recurrence whatever ``form`` the forward used (every form computes
+        the same function); states are recomputed from checkpoints every ``chunk_size`` steps.
+        """
+        from refattn.errors import BackendUnavailable
+        raise BackendUnavailable(f"backend: {self.name!r} does not implement linear_scan_backward")
+
+    def wkv(self, k, v, *, w, u, initial_state=None):
+        """RWKV-4's WKV with its running maximum (numerically stable). Returns ``(y, state)``.
+
+        ``k``, ``v`` are ``(B, T, C)``; ``w`` (decay rate) and ``u`` (bonus of the current token)
+        are ``(C,)``. ``y_t = (sum_{i<t} e^{-(t-1-i) w + k_i} v_i + e^{u + k_t} v_t) /
+        (sum_{i<t} e^{-(t-1-i) w + k_i} + e^{u + k_t})`` per channel. The state ``(B, 3, C)`` holds
+        ``(a, b, p)``: numerator ``a e^p`` and denominator ``b e^p`` of the sum over the tokens
+        seen so far (``a = b = 0``, ``p = -inf`` before any). This is its own primitive, not a
+        mode of :meth:`linear_scan`: its state is diagonal (C numbers, not C x C) and carries a
+        running maximum ``p`` so that no exponential overflows.
+        """
+        from refattn.errors import BackendUnavailable
+        raise BackendUnavailable(f"backend: {self.name!r} does not implement wkv")
 
     def merge_states(self, o_a, lse_a, o_b, lse_b):
         """Merge two partial attention results over disjoint key sets.

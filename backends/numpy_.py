@@ -311,6 +311,184 @@ class NumpyBackend(Backend):
             extras = {}
         return self._result(dq), self._result(dk), self._result(dv), extras
 
+    # -- linear attention and state-space scans ------------------------------------------------
+    def linear_scan(self, q, k, v, *, decay=None, beta=None, form="recurrent", chunk_size=64,
+                    initial_state=None):
+        """See :meth:`refattn.backends.base.Backend.linear_scan`: this is its definition."""
+        if form not in SCAN_FORMS:
+            from refattn.errors import ParameterError
+            raise ParameterError(f"form: expected one of {', '.join(map(repr, SCAN_FORMS))}, "
+                                 f"got {form!r}")
+        b, h, n, dk = q.shape
+        s = _initial(initial_state, b, h, dk, v.shape[-1])
+        g = _gates(decay, q.shape)
+        if form == "recurrent":
+            return _scan_recurrent(q, k, v, g, beta, s)
+        return _scan_chunked(q, k, v, g, beta, s, max(1, n) if form == "parallel" else chunk_size)
+
+    def linear_scan_backward(self, q, k, v, dout, *, decay=None, beta=None, chunk_size=64,
+                             initial_state=None, dfinal_state=None):
+        """The adjoint recurrence (see the base class), checkpointing every ``chunk_size`` steps."""
+        b, h, n, dk = q.shape
+        dv = v.shape[-1]
+        g = _gates(decay, q.shape)
+        s = _initial(initial_state, b, h, dk, dv)
+        starts = []  # the state before each chunk
+        for c0 in range(0, n, chunk_size):
+            starts.append(s)
+            for t in range(c0, min(n, c0 + chunk_size)):
+                s = _step(s, q, k, v, g, beta, t)[1]
+        grads = {name: np.zeros(a.shape) for name, a in (("q", q), ("k", k), ("v", v))}
+        dg = np.zeros(g.shape)
+        dbeta = None if beta is None else np.zeros(beta.shape)
+        ds = np.zeros((b, h, dk, dv)) if dfinal_state is None else np.array(dfinal_state, np.float64)
+        for ci in reversed(range(len(starts))):
+            c0 = ci * chunk_size
+            steps = range(c0, min(n, c0 + chunk_size))
+            s, decayed, after = starts[ci], {}, {}
+            for t in steps:  # recompute the chunk's states from its checkpoint
+                decayed[t], s = _step(s, q, k, v, g, beta, t)
+                after[t] = s
+            for t in reversed(steps):
+                sd, st = decayed[t], after[t]
+                qt, kt, vt, dot = q[:, :, t], k[:, :, t], v[:, :, t], dout[:, :, t]
+                grads["q"][:, :, t] = np.einsum("bhkv,bhv->bhk", st, dot)  # o_t = S_t^T q_t
+                ds = ds + qt[..., :, None] * dot[..., None, :]
+                if beta is None:  # S_t = S' + k v^T
+                    grads["k"][:, :, t] = np.einsum("bhkv,bhv->bhk", ds, vt)
+                    grads["v"][:, :, t] = np.einsum("bhkv,bhk->bhv", ds, kt)
+                    dsd = ds
+                else:  # S_t = S' + k w^T, w = beta u, u = v - S'^T k
+                    bt = beta[:, :, t, None]
+                    u = vt - np.einsum("bhkv,bhk->bhv", sd, kt)
+                    dw = np.einsum("bhkv,bhk->bhv", ds, kt)
+                    du = bt * dw
+                    dbeta[:, :, t] = np.sum(dw * u, axis=-1)
+                    grads["k"][:, :, t] = (np.einsum("bhkv,bhv->bhk", ds, bt * u)
+                                           - np.einsum("bhkv,bhv->bhk", sd, du))
+                    grads["v"][:, :, t] = du
+                    dsd = ds - kt[..., :, None] * du[..., None, :]
+                # S' = diag(a) S_{t-1}, a = exp(g_t): dg = a * rowsum(dS' * S_{t-1}) = rowsum(dS' * S')
+                dg[:, :, t] = _sum_gate(np.sum(dsd * sd, axis=-1), g.shape[-1])
+                ds = np.exp(g[:, :, t])[..., :, None] * dsd
+        if decay is not None:
+            grads["decay"] = dg.reshape(np.shape(decay))
+        if beta is not None:
+            grads["beta"] = dbeta
+        if initial_state is not None:
+            grads["initial_state"] = ds
+        return grads
+
+    def wkv(self, k, v, *, w, u, initial_state=None):
+        """RWKV-4's WKV, the running-maximum recurrence (see the base class). Per step, vectorised
+        over batch and channels: the output mixes the state with the current token (bonus ``u``)
+        under the larger of their two exponents; the state then decays by ``e^{-w}`` and takes the
+        token in, again under the larger exponent."""
+        b, n, c = k.shape
+        if initial_state is None:
+            a, den, p = np.zeros((b, c)), np.zeros((b, c)), np.full((b, c), -np.inf)
+        else:
+            a, den, p = (np.array(initial_state[:, i], np.float64) for i in range(3))
+        y = np.empty((b, n, c))
+        for t in range(n):
+            kt, vt = k[:, t], v[:, t]
+            m = np.maximum(p, u + kt)
+            e1, e2 = np.exp(p - m), np.exp(u + kt - m)
+            y[:, t] = (e1 * a + e2 * vt) / (e1 * den + e2)
+            m = np.maximum(p - w, kt)
+            e1, e2 = np.exp(p - w - m), np.exp(kt - m)
+            a, den, p = e1 * a + e2 * vt, e1 * den + e2, m
+        return y, np.stack([a, den, p], axis=1)
+
+
+# -- the scan's pieces: readable, vectorised over (B, H) ---------------------------------------------
+#: the evaluation orders of Backend.linear_scan
+SCAN_FORMS = ("recurrent", "chunked", "parallel")
+#: pairwise-decay elements per block of query rows in the chunked form (memory bound)
+_PAIR_ELEMENTS = 1 << 22
+
+
+def _initial(initial_state, b, h, dk, dv):
+    if initial_state is None:
+        return np.zeros((b, h, dk, dv))
+    return np.array(initial_state, dtype=np.float64)
+
+
+def _gates(decay, shape):
+    """Log-gates as ``(B, H, L, 1)`` (per head) or ``(B, H, L, Dk)`` (per key dim); zeros for None."""
+    b, h, n, dk = shape
+    if decay is None:
+        return np.zeros((b, h, n, 1))
+    g = np.asarray(decay, dtype=np.float64)
+    return g[..., None] if g.ndim == 3 else g
+
+
+def _sum_gate(x, width):
+    """A per-key-dim gradient summed to the gate's width (1 for a per-head gate)."""
+    return x if width == x.shape[-1] else np.sum(x, axis=-1, keepdims=True)
+
+
+def _step(s, q, k, v, g, beta, t):
+    """One step of the recurrence: ``(S', S_t)`` from ``S_{t-1}``."""
+    sd = np.exp(g[:, :, t])[..., :, None] * s
+    kt, vt = k[:, :, t], v[:, :, t]
+    if beta is not None:
+        vt = beta[:, :, t, None] * (vt - np.einsum("bhkv,bhk->bhv", sd, kt))
+    return sd, sd + kt[..., :, None] * vt[..., None, :]
+
+
+def _scan_recurrent(q, k, v, g, beta, s):
+    b, h, n, _ = q.shape
+    o = np.empty((b, h, n, v.shape[-1]))
+    for t in range(n):
+        s = _step(s, q, k, v, g, beta, t)[1]
+        o[:, :, t] = np.einsum("bhkv,bhk->bhv", s, q[:, :, t])
+    return o, s
+
+
+def _decayed_products(x, y, G, strict):
+    """``A[t, i] = sum_c x_tc y_ic exp(G_tc - G_ic)`` for ``i <= t`` (``i < t`` if ``strict``), 0
+    above; ``x, y`` are ``(B, H, n, Dk)``, ``G`` is ``(B, H, n, 1 | Dk)``. The exponent is formed
+    per pair, never as ``exp(G_t) * exp(-G_i)`` (which overflows for strong decay)."""
+    b, h, n, _ = x.shape
+    out = np.zeros((b, h, n, n))
+    rows = max(1, _PAIR_ELEMENTS // max(1, b * h * n * G.shape[-1]))
+    for r0 in range(0, n, rows):
+        r = np.arange(r0, min(n, r0 + rows))
+        keep = (r[:, None] > np.arange(n)) if strict else (r[:, None] >= np.arange(n))
+        diff = G[:, :, r, None, :] - G[:, :, None, :, :]  # (B, H, r, n, 1|Dk)
+        dec = np.exp(np.where(keep[None, None, :, :, None], diff, -np.inf))
+        if G.shape[-1] == 1:  # one gate per head: the decay factors out of the dot product
+            out[:, :, r] = (x[:, :, r] @ np.swapaxes(y, -1, -2)) * dec[..., 0]
+        else:
+            out[:, :, r] = np.einsum("bhtc,bhic,bhtic->bhti", x[:, :, r], y, dec)
+    return out
+
+
+def _scan_chunked(q, k, v, g, beta, s, size):
+    """Chunks of ``size`` steps: inside a chunk the masked (WY-solved) attention form, between
+    chunks the state. ``G`` is the cumulative log-gate from the chunk's start."""
+    b, h, n, _ = q.shape
+    o = np.empty((b, h, n, v.shape[-1]))
+    for c0 in range(0, n, size):
+        sl = slice(c0, min(n, c0 + size))
+        qc, kc, vc = q[:, :, sl], k[:, :, sl], v[:, :, sl]
+        G = np.cumsum(g[:, :, sl], axis=2)
+        eG = np.exp(G)  # decay from the chunk's start to step t (inclusive)
+        if beta is None:
+            w = vc
+        else:  # (I + diag(beta) A) W = diag(beta) (V - (K * e^G) S), A strictly lower
+            bc = beta[:, :, sl, None]
+            a = bc * _decayed_products(kc, kc, G, strict=True)
+            w = bc * (vc - np.einsum("bhtc,bhcv->bhtv", kc * eG, s))
+            for t in range(w.shape[2]):  # forward substitution (unit lower triangular)
+                w[:, :, t] -= np.einsum("bhi,bhiv->bhv", a[:, :, t, :t], w[:, :, :t])
+        scores = _decayed_products(qc, kc, G, strict=False)
+        o[:, :, sl] = np.einsum("bhtc,bhcv->bhtv", qc * eG, s) + scores @ w
+        to_end = np.exp(G[:, :, -1:] - G)  # decay from step i to the chunk's end
+        s = np.exp(G[:, :, -1])[..., :, None] * s + np.einsum("bhic,bhiv->bhcv", kc * to_end, w)
+    return o, s
+
 
 def _sum_to(x, shape):
     """Sum ``x`` (4-d) over the axes where ``shape`` (4-d, row axis ignored) has size 1."""

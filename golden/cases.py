@@ -47,7 +47,8 @@ from refattn.errors import ParameterError
 
 #: modules that contribute more cases (and makers); missing ones are skipped
 FAMILY_CASE_MODULES = ("refattn.golden.cases_sparse", "refattn.golden.cases_position",
-                       "refattn.golden.cases_kvcache", "refattn.golden.cases_moe")
+                       "refattn.golden.cases_kvcache", "refattn.golden.cases_moe",
+                       "refattn.golden.cases_linear", "refattn.golden.cases_ssm")
 
 
 @dataclass(frozen=True)

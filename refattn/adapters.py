@@ -156,6 +156,9 @@ def varlen_attention(arrays: dict, cu_seqlens_q, cu_seqlens_k, *, variant="sdpa"
     if not var.on_qkv or len(var.inputs) != 3:
         raise ParameterError(f"cu_seqlens_q: packed batches need a variant on q, k, v only; "
                              f"{var.name!r} takes {', '.join(var.inputs)}")
+    if "lse" not in var.outputs:  # the linear family: a state per sequence, not packed here yet
+        raise ParameterError(f"cu_seqlens_q: packed batches need an attention variant (with an "
+                             f"LSE); {var.name!r} has no LSE: call it once per sequence")
     return_lse = params.pop("return_lse", False) is True
     params = {n: val for n, val in params.items() if not n.startswith("return_")}
 

@@ -377,4 +377,36 @@ class NumbaBackend(Backend):
             out, lse = self.attend(q, k, v, **kw)
             self.attend_backward(q, k, v, out, lse, dout, **kw)
         _philox.uniforms(np.uint64(0), np.zeros(1, np.uint64), np.zeros(1, np.uint64))
+        if progress is not None:
+            progress("linear scan and WKV (float64)")
+        self._warm_scans(rng)
         return time.perf_counter() - t0
+
+    def _warm_scans(self, rng):
+        """The scan kernels take float64 only and their gate / delta-rule switches are run-time
+        flags, so one call of each compiles every case."""
+        q, k, v, dout = (rng.standard_normal((1, 1, 4, 2)) for _ in range(4))
+        decay, beta = -rng.random((1, 1, 4)), rng.random((1, 1, 4))
+        for form in ("recurrent", "chunked"):
+            self.linear_scan(q, k, v, decay=decay, beta=beta, form=form, chunk_size=2)
+        self.linear_scan_backward(q, k, v, dout, decay=decay, beta=beta, chunk_size=2)
+        self.wkv(k[0], v[0], w=np.ones(2), u=np.zeros(2))
+
+    # -- linear attention and state-space scans (kernels in _scan.py) ----------------------------
+    def linear_scan(self, q, k, v, *, decay=None, beta=None, form="recurrent", chunk_size=64,
+                    initial_state=None):
+        from . import _scan
+        with one_blas_thread():
+            return _scan.linear_scan(q, k, v, decay=decay, beta=beta, form=form,
+                                     chunk_size=chunk_size, initial_state=initial_state)
+
+    def linear_scan_backward(self, q, k, v, dout, *, decay=None, beta=None, chunk_size=64,
+                             initial_state=None, dfinal_state=None):
+        from . import _scan
+        return _scan.linear_scan_backward(q, k, v, dout, decay=decay, beta=beta,
+                                          chunk_size=chunk_size, initial_state=initial_state,
+                                          dfinal_state=dfinal_state)
+
+    def wkv(self, k, v, *, w, u, initial_state=None):
+        from . import _scan
+        return _scan.run_wkv(k, v, w=w, u=u, initial_state=initial_state)

@@ -49,7 +49,8 @@ from ..errors import ParameterError, UnknownVariant
 
 #: modules that register variants when the registry is first used
 FAMILY_MODULES = ("refattn.variants.core", "refattn.variants.position", "refattn.variants.kvcache",
-                  "refattn.variants.sparse", "refattn.variants.block", "refattn.variants.moe")
+                  "refattn.variants.sparse", "refattn.variants.block", "refattn.variants.moe",
+                  "refattn.variants.linear", "refattn.variants.ssm")
 
 _REGISTRY: dict = {}
 _loaded = False
