@@ -124,6 +124,26 @@ def test_tile_sizes_that_do_not_divide(block):
     compare(arrays, dout, {"causal": True, "sinks": np.ones(4)}, block=block)
 
 
+@pytest.mark.parametrize("params, tiles", [({}, (128, 256)), ({"causal": True}, (128, 256)),
+                                           ({"causal": "top_left"}, (128, 256)),
+                                           ({"window": (40, 0)}, (64, 64)),
+                                           ({"causal": True, "window": (40, 0)}, (64, 64)),
+                                           ({"window": (-1, 3)}, (128, 256)),
+                                           ({"mask": "random"}, (64, 64))])
+def test_default_tiles_follow_the_pattern(params, tiles):
+    """The default tile sizes: larger for a dense band (full or causal), 64 x 64 where tiles are
+    skipped (a left window bound, a mask); several tiles of each in both directions (Sq = 300 is
+    three 128-row tiles, Sk = 530 three 256-key tiles), against numpy."""
+    rng = np.random.default_rng(5)
+    arrays, dout = inputs(rng, b=1, hq=2, hkv=1, sq=300, sk=530, d=8, dv=5)
+    if params.get("mask") == "random":
+        params = {"mask": rng.random((300, 530)) < 0.5}
+    pre = prepare(NumbaBackend(), arrays, variants.get("sdpa").parse_params(params))
+    assert NumbaBackend().tile_sizes(pre.primitive_kwargs()["pattern"], 300, 530) == tiles
+    assert NumbaBackend(block_q=32).tile_sizes(pre.primitive_kwargs()["pattern"], 300, 530) == (32, tiles[1])
+    compare(arrays, dout, params, block=(None, None))
+
+
 @pytest.mark.parametrize("params", [{"causal": True}, {"window": (3, 2), "alignment": "top_left"},
                                     {"mask": "row3_hidden"}])
 def test_empty_rows(params):

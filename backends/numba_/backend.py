@@ -88,6 +88,8 @@ class TilePlan:
     ihi: np.ndarray
     work_q: np.ndarray  # per query tile: its non-empty tiles (summed over the layout's heads)
     work_k: np.ndarray  # per key tile: the same
+    block_q: int
+    block_k: int
 
     @property
     def offset(self) -> int:
@@ -113,7 +115,7 @@ def tile_plan(pattern, sq: int, sk: int, bq: int, bk: int) -> TilePlan:
                      band_only=bool(pattern.is_band_only), offset=int(s),
                      lo=-_UNBOUNDED if lo is None else int(lo), hi=_UNBOUNDED if hi is None else int(hi))
     return TilePlan(vis, tlo, thi, ilo, ihi, work_q=nonempty.sum(axis=(0, 1, 3)),
-                    work_k=nonempty.sum(axis=(0, 1, 2)))
+                    work_k=nonempty.sum(axis=(0, 1, 2)), block_q=bq, block_k=bk)
 
 
 def _ranges(nonempty):
@@ -203,20 +205,38 @@ def announce_compile(kernel, args, dtype, mods, drop, stream=None):
     return True
 
 
+#: (block_q, block_k) for a full or causal band: fewer, longer tile products (OpenBLAS's DGEMM
+#: runs faster on 128 x 64 x 256 blocks than on 64 x 64 x 64 ones: 1.1-1.25x on the whole forward
+#: and backward, BENCHMARKS.md); 128 query rows keep enough tasks for the threads at N = 1024
+DENSE_TILE = (128, 256)
+#: (block_q, block_k) for everything else: windows and sparse patterns skip at this granularity
+SPARSE_TILE = (64, 64)
+
 #: tasks per range handed to a thread: about this many ranges per thread (small ranges balance
 #: the uneven tasks of causal and sparse patterns; a range costs one Python-level call)
 RANGES_PER_THREAD = 16
 
 
 class NumbaBackend(Backend):
-    """Tiled CPU kernels (see the module docstring). ``block_q``/``block_k``: tile sizes."""
+    """Tiled CPU kernels (see the module docstring). ``block_q``/``block_k``: tile sizes; None
+    (the default) chooses per call: :data:`DENSE_TILE` for a full or causal band (no window
+    bound on the left, nothing but the band), :data:`SPARSE_TILE` otherwise."""
 
     name = "numba"
     compute_dtypes = ("float64", "float32")
 
-    def __init__(self, block_q: int = 64, block_k: int = 64, threads=None):
-        self.block_q, self.block_k = check_int(block_q, "block_q", 1), check_int(block_k, "block_k", 1)
+    def __init__(self, block_q=None, block_k=None, threads=None):
+        self.block_q = None if block_q is None else check_int(block_q, "block_q", 1)
+        self.block_k = None if block_k is None else check_int(block_k, "block_k", 1)
         self.threads = usable_cpus() if threads is None else check_int(threads, "threads", 1)
+
+    def tile_sizes(self, pattern, sq: int, sk: int) -> tuple:
+        """``(block_q, block_k)`` for one call (see the class docstring)."""
+        auto = SPARSE_TILE
+        if pattern.is_band_only and pattern.band(sq, sk)[1] is None:
+            auto = DENSE_TILE
+        return (auto[0] if self.block_q is None else self.block_q,
+                auto[1] if self.block_k is None else self.block_k)
 
     @property
     def xp(self):
@@ -225,13 +245,14 @@ class NumbaBackend(Backend):
     def _records(self, q, k, plan, scale, head_map, score_mod, dropout) -> tuple:
         """``(geom, vis, mods, drop, scale, head_map)``: what every kernel takes, in that order."""
         b, hq, sq, _ = q.shape
-        geom = Geometry(batch=b, hq=hq, hkv=k.shape[1], sq=sq, sk=k.shape[2], block_q=self.block_q,
-                        block_k=self.block_k)
+        geom = Geometry(batch=b, hq=hq, hkv=k.shape[1], sq=sq, sk=k.shape[2], block_q=plan.block_q,
+                        block_k=plan.block_k)
         return (geom, plan.vis, score_mods(score_mod, plan.offset, float(scale)),
                 dropout_spec(dropout), float(scale), np.asarray(head_map, dtype=np.int64))
 
     def _plan(self, pattern, q, k):
-        return tile_plan(pattern, q.shape[2], k.shape[2], self.block_q, self.block_k)
+        sq, sk = q.shape[2], k.shape[2]
+        return tile_plan(pattern, sq, sk, *self.tile_sizes(pattern, sq, sk))
 
     def _run(self, kernel, args, n_tasks: int, work_per_task: np.ndarray):
         """Run ``kernel(*args, t_start, t_stop)`` over tasks ``0 .. n_tasks - 1`` on the backend's
@@ -315,7 +336,7 @@ class NumbaBackend(Backend):
             delta = np.sum(dout * out, axis=-1)  # rowsum(dO * O), O the final output
         else:
             delta = np.einsum("bhsd,bhsd->bhs", dout, out, dtype=np.float64)
-        nbk = -(-sk // self.block_k)
+        nbk = -(-sk // self.tile_sizes(pattern, sq, sk)[1])
         per_key = bias is not None and bias.shape[3] > 1
         # the bias-gradient buffer: None without score mods (no such code compiled), a dummy when
         # there are mods but no bias (one compiled variant for every modified call)
