@@ -9,7 +9,10 @@
 
 Everything is computed in float64 by default: inputs of any real dtype (numpy, ml_dtypes bf16/fp8,
 torch CPU tensors) are *copied* to the compute dtype -- the one cast refattn makes -- and results
-come back as numpy arrays of that dtype. See :mod:`refattn.variants.core` for the conventions.
+come back as numpy arrays of that dtype. The q, k, v and dout of the core attention variants are
+not copied when they already are C-contiguous arrays of the compute dtype: refattn reads them
+through a read-only view, and never writes a caller's array. See :mod:`refattn.variants.core` for
+the conventions.
 """
 
 from __future__ import annotations

@@ -53,14 +53,24 @@ def to_numpy(x, name: str) -> np.ndarray:
     return a
 
 
-def as_compute(x, name: str, dtype: str = "float64") -> np.ndarray:
-    """``x`` as a new float array of the compute dtype; rejects non-real dtypes."""
+def as_compute(x, name: str, dtype: str = "float64", *, copy: bool = True) -> np.ndarray:
+    """``x`` as a new float array of the compute dtype; rejects non-real dtypes.
+
+    ``copy=False``: when ``x`` already is a C-contiguous array of ``dtype`` on the host (numpy, or
+    a CPU tensor viewed through DLPack), a READ-ONLY view of it instead of a copy -- for the large
+    inputs the attention kernels only read (q, k, v, dout), so a float64 caller's arrays are not
+    duplicated; a write through the view is an error, never a change to the caller's array.
+    Otherwise a new array, as with ``copy=True``.
+    """
     a = to_numpy(x, name)
     kind = a.dtype.kind
     if kind not in "fiu" and not _is_ml_float(a.dtype):
         raise DTypeError(f"{name}: expected a real floating or integer array, got dtype {a.dtype}")
-    out = np.array(a, dtype=dtype, copy=True)
-    return out
+    if not copy and a.dtype == np.dtype(dtype) and a.flags.c_contiguous:
+        view = a.view()
+        view.flags.writeable = False
+        return view
+    return np.array(a, dtype=dtype, copy=True)
 
 
 def _is_ml_float(dt) -> bool:

@@ -157,9 +157,31 @@ def dropout_spec(dropout):
     return DropoutSpec(1, float(dropout.p), float(dropout.scale), np.uint64(dropout.seed), none)
 
 
+def _row_dots(dout, out, rows_per_chunk: int = 1024):
+    """``rowsum(dO * O)`` in float64 (O the final output), as the numpy backend computes it
+    (``np.sum(dout * out, axis=-1)``: the same bits, which matter where the backward is
+    ill-conditioned), a chunk of rows at a time so no ``(B, H, S, Dv)`` temporary exists."""
+    d2 = dout.reshape(-1, dout.shape[-1])
+    o2 = out.reshape(-1, out.shape[-1])
+    delta = np.empty(d2.shape[0])
+    for r0 in range(0, d2.shape[0], rows_per_chunk):
+        r1 = r0 + rows_per_chunk
+        delta[r0:r1] = np.sum(d2[r0:r1].astype(np.float64) * o2[r0:r1], axis=-1)
+    return delta.reshape(dout.shape[:-1])
+
+
 def _rows2d(a):
-    """``(B, H, S, D)`` -> ``(B*H*S, D)`` C-contiguous (a view when already contiguous)."""
-    return np.ascontiguousarray(a).reshape(-1, a.shape[-1])
+    """``(B, H, S, D)`` -> ``(B*H*S, D)`` C-contiguous (a view when already contiguous). A
+    read-only view of the caller's array (:func:`refattn.validate.as_compute` with ``copy=False``)
+    comes back writable when its memory is: numba types read-only arrays apart and would compile
+    every kernel a second time; the kernels never write q, k, v or dout."""
+    rows = np.ascontiguousarray(a).reshape(-1, a.shape[-1])
+    if not rows.flags.writeable:
+        try:
+            rows.flags.writeable = True
+        except ValueError:  # memory that is itself read-only (a read-only memmap): a copy
+            rows = rows.copy()
+    return rows
 
 
 #: about how many seconds a cold compile of a kernel takes on a 2-core machine (measured): the
@@ -332,10 +354,7 @@ class NumbaBackend(Backend):
         lse = np.asarray(lse, dtype=np.float64)
         # the softmax normaliser including the sink: P_ij = exp(S_ij - lse_all_i)
         lse_all = lse if sinks is None else np.logaddexp(lse, np.asarray(sinks, np.float64)[None, :, None])
-        if dt == np.float64:
-            delta = np.sum(dout * out, axis=-1)  # rowsum(dO * O), O the final output
-        else:
-            delta = np.einsum("bhsd,bhsd->bhs", dout, out, dtype=np.float64)
+        delta = _row_dots(dout, out)
         nbk = -(-sk // self.tile_sizes(pattern, sq, sk)[1])
         per_key = bias is not None and bias.shape[3] > 1
         # the bias-gradient buffer: None without score mods (no such code compiled), a dummy when

@@ -116,7 +116,7 @@ def prepare(backend, arrays: dict, p: CoreParams, heads: Optional[str] = None) -
                                                        and p.causal in ALIGNMENTS)):
         raise ParameterError(f"causal: expected one of {CAUSAL_VALUES}, got {p.causal!r}")
 
-    q, k, v = (V.as_compute(arrays[n], n, p.compute_dtype) for n in ("q", "k", "v"))
+    q, k, v = (V.as_compute(arrays[n], n, p.compute_dtype, copy=False) for n in ("q", "k", "v"))
     for name, a in (("q", q), ("k", k), ("v", v)):
         V.check_rank4(a, name, p.layout, "Dv" if name == "v" else "D")
     if p.layout == "bshd":
@@ -193,7 +193,7 @@ def _forward(heads):
 def check_dout(dout, pre: Prepared, p: CoreParams) -> np.ndarray:
     """The upstream gradient in the compute dtype and ``bhsd``, checked against the output's shape
     (both shapes reported in the caller's layout)."""
-    dout = V.as_compute(dout, "dout", p.compute_dtype)
+    dout = V.as_compute(dout, "dout", p.compute_dtype, copy=False)
     b, hq, sq, _ = pre.q.shape
     dv = pre.v.shape[3]
     want = (b, hq, sq, dv) if p.layout == "bhsd" else (b, sq, hq, dv)
