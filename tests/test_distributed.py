@@ -292,3 +292,26 @@ def test_client_memory_stays_bounded_with_memmapped_inputs(client, tmp_path):
     q, k, v = (np.array(a[:, :, n - 400:]) for a in paths)
     want = refattn.attention(q, k, v, causal=True, window=(63, 0), backend="numba")
     assert rel(out[:, :, rows], want[:, :, -300:]) <= TOL
+
+
+def test_cli_compare_and_bench_distributed(client):
+    """`refattn compare --distributed --scheduler ADDRESS` passes against numpy; `refattn bench
+    --distributed` times both the numba backend alone and the Dask run."""
+    import json
+    from click.testing import CliRunner
+    from refattn.cli.main import cli
+    address = client.scheduler.address
+    res = CliRunner().invoke(cli, ["compare", "--variant", "sdpa", "--backend", "numba", "--shape",
+                                   "1,2,192,16", "--param", "causal=true", "--grad", "--distributed",
+                                   "--scheduler", address, "--chunk", "64", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    assert got["verdict"] == "PASS" and "on dask" in json.dumps(got)
+    res = CliRunner().invoke(cli, ["compare", "--scheduler", address])
+    assert res.exit_code == 2 and "--scheduler: only with --distributed" in res.output
+    res = CliRunner().invoke(cli, ["bench", "--distributed", "--shape", "1,1,512,16", "--scheduler",
+                                   address, "--chunk", "128,256", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)["rows"]
+    assert [r["impl"] for r in rows] == ["numba", "distributed", "distributed"]
+    assert [r["tasks"] for r in rows[1:]] == [10, 3]  # causal: 4 * 5 / 2 and 2 * 3 / 2 chunk pairs

@@ -494,3 +494,21 @@ def attention_backward(q, k, v, dout, *, variant="sdpa", client=None, q_chunk=No
         res = cl.compute(todo, sync=True)
     extras = {} if sinks is None else {"sinks": res[3]}
     return res[0], res[1], res[2], extras
+
+
+def outputs(variant, inputs: dict, params: dict, *, backend="numba", client=None, chunk=None,
+            dout=None) -> dict:
+    """``{"out", "lse"}`` and with ``dout`` the gradients keyed by input (``q``, ``k``, ``v``, then
+    extras such as ``sinks``), as :func:`refattn.pipeline.run` names them: what ``refattn compare
+    --distributed`` compares. ``chunk``: tokens per query and KV chunk."""
+    kw = dict(variant=variant, client=client, q_chunk=chunk, kv_chunk=chunk, backend=backend, **params)
+    missing = [n for n in ("q", "k", "v") if n not in inputs]
+    if missing or len(inputs) != 3:
+        raise ParameterError(f"inputs: expected q, k, v for refattn.distributed, got "
+                             f"{', '.join(sorted(inputs))}")
+    out, lse = attention(inputs["q"], inputs["k"], inputs["v"], return_lse=True, **kw)
+    result = {"out": out, "lse": lse}
+    if dout is not None:
+        dq, dk, dv, extras = attention_backward(inputs["q"], inputs["k"], inputs["v"], dout, **kw)
+        result.update(q=dq, k=dk, v=dv, **extras)
+    return result
