@@ -31,8 +31,6 @@ def _best(fn, repeats):
 def run(shape, *, lengths=None, causal=True, window=None, workers=(2,), chunks=(4096,), repeats=1,
         scheduler=None, numba_alone=True, progress=lambda msg: None) -> dict:
     """The JSON-able timings (module docstring); ``lengths`` default: the shape's N."""
-    import distributed
-
     import refattn
     from refattn import distributed as rd
     from refattn.backends.numba_.backend import usable_cpus
