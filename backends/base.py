@@ -57,11 +57,24 @@ class Dropout:
 
     Either ``seed`` (the Philox4x64-10 scheme of :mod:`refattn.dropout`) or an explicit boolean
     ``mask`` broadcastable to ``(B, Hq, Sq, Sk)`` (True = keep, 4-d) decides which are kept.
+
+    With ``seed``, the call's pair ``(i, j)`` takes the Philox counter
+    ``(row0 + i) * stride + col0 + j`` (``stride`` None: the call's ``Sk``). A sub-rectangle of a
+    larger problem (:mod:`refattn.subrect`) passes its global origin and the whole problem's ``Sk``,
+    so every pair keeps the counter ``i * Sk + j`` it has in the whole problem.
     """
 
     p: float
     seed: Optional[int] = None
     mask: Optional[np.ndarray] = field(default=None, repr=False)
+    row0: int = 0
+    col0: int = 0
+    stride: Optional[int] = None
+
+    @property
+    def shifted(self) -> bool:
+        """True when the counter is not the call's own ``i * Sk + j`` (a sub-rectangle)."""
+        return self.row0 != 0 or self.col0 != 0 or self.stride is not None
 
     @property
     def scale(self) -> float:

@@ -161,7 +161,8 @@ class NumpyBackend(Backend):
         if dropout.mask is not None:
             keep = _take_rows(dropout.mask, rows)
         else:
-            keep = philox.keep_mask(dropout.seed, dropout.p, b, h, sq, sk, rows)
+            keep = philox.keep_mask(dropout.seed, dropout.p, b, h, sq, sk, rows, row0=dropout.row0,
+                                    col0=dropout.col0, stride=dropout.stride)
         if segments is None or keep.shape[3] == 1:
             return keep
         return np.concatenate([keep[..., seg] for seg in segments], axis=-1)

@@ -286,6 +286,16 @@ def parse_window(text):
     return (left, right)
 
 
+def _ints(text, name) -> tuple:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise ParameterError(f"{name}: expected positive integers separated by commas, got {text!r}")
+    return values
+
+
 def parse_bench_shape(text):
     b, h, sq, sk, d, hkv = parse_shape(text)
     if sq != sk or hkv != h:
@@ -317,16 +327,33 @@ def parse_bench_shape(text):
               help="numba: CPU kernels vs torch CPU SDPA. cupy: CUDA kernels vs torch CUDA SDPA "
                    "(MATH backend for float64, memory-efficient for float32), TFLOP/s and the GPU "
                    "name; fails in one line without a usable GPU.")
+@click.option("--distributed", is_flag=True, default=False,
+              help="Time refattn.distributed (Dask tasks, inputs read from .npy files) against the "
+                   "numba backend alone in the same run (refattn.distributed.bench); forward only.")
+@click.option("--scheduler", metavar="ADDRESS", default=None,
+              help="With --distributed: a running Dask scheduler. Default: a LocalCluster.")
+@click.option("--workers", metavar="N[,N...]", default="2", show_default=True,
+              help="With --distributed: LocalCluster sizes to time (one thread each).")
+@click.option("--chunk", metavar="C[,C...]", default="4096", show_default=True,
+              help="With --distributed: query/KV chunk sizes to time.")
 @json_option
 @one_line_errors
 def command(shape, causal, window, dtype, repeats, backward, numpy_, torch_peer, threads, backend,
-            as_json):
+            distributed, scheduler, workers, chunk, as_json):
     """Time numba, numpy and PyTorch CPU attention in the same run; table with GFLOP/s and ratios.
     With --backend cupy: the CUDA kernels and PyTorch's CUDA SDPA, TFLOP/s."""
     shp = parse_bench_shape(shape)
     win = parse_window(window)
     dtypes = ("float64", "float32") if dtype == "both" else (dtype,)
     progress = (lambda msg: None) if as_json else (lambda msg: click.echo(f"... {msg}", err=True))
+    if distributed:  # a separate path: refattn.distributed.bench
+        from refattn.distributed import bench as dbench
+
+        result = dbench.run(shp, causal=causal != "no", window=win, repeats=repeats,
+                            workers=_ints(workers, "--workers"), chunks=_ints(chunk, "--chunk"),
+                            scheduler=scheduler, progress=progress)
+        click.echo(dumps(result) if as_json else dbench.render(result))
+        raise click.exceptions.Exit(EXIT_OK)
     if backend == "cupy":  # a separate path: cli/bench_gpu.py
         from . import bench_gpu
 

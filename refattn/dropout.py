@@ -78,10 +78,14 @@ def uniforms(seed: int, stream: np.ndarray, flat_index: np.ndarray) -> np.ndarra
 
 
 def keep_mask(seed: int, p: float, batch: int, heads: int, sq: int, sk: int,
-              rows: slice = slice(None)) -> np.ndarray:
-    """Boolean keep-mask of shape ``(batch, heads, r, sk)`` for query rows ``rows``."""
-    i = np.arange(sq, dtype=np.uint64)[rows]
-    j = np.arange(sk, dtype=np.uint64)
+              rows: slice = slice(None), *, row0: int = 0, col0: int = 0,
+              stride=None) -> np.ndarray:
+    """Boolean keep-mask of shape ``(batch, heads, r, sk)`` for query rows ``rows``.
+
+    Pair ``(i, j)`` reads the counter ``(row0 + i) * stride + col0 + j`` (``stride`` None: ``sk``):
+    a sub-rectangle of a larger problem passes its global origin and the whole problem's ``Sk``."""
+    i = np.arange(sq, dtype=np.uint64)[rows] + np.uint64(row0)
+    j = np.arange(sk, dtype=np.uint64) + np.uint64(col0)
     stream = np.arange(batch * heads, dtype=np.uint64).reshape(batch, heads, 1, 1)
-    flat = (i[:, None] * np.uint64(sk) + j[None, :])[None, None]
+    flat = (i[:, None] * np.uint64(sk if stride is None else stride) + j[None, :])[None, None]
     return uniforms(seed, stream, flat) >= p

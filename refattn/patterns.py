@@ -24,6 +24,15 @@ own position is ``(w - 1, 0)``.
 
 *Dense mask.* A boolean array broadcastable to ``(B, H, Sq, Sk)``; True keeps the pair.
 
+*Explicit offset.* ``offset=s`` fixes the diagonal offset whatever ``Sq``, ``Sk`` and the alignment
+say: how a sub-rectangle of a larger problem keeps its band (:meth:`Pattern.subrect`).
+
+*Sub-rectangles.* :meth:`Pattern.subrect` views rows ``q0 ..`` and keys ``k0 ..`` of a problem of
+``Sq x Sk`` pairs as a pattern of their own, in *global* coordinates: local pair ``(i, j)`` is visible
+iff the whole problem's pair ``(q0 + i, k0 + j)`` is. A band alone becomes a band with the offset
+``s + q0 - k0`` (compiled backends keep their analytic fast path); any other pattern a
+:class:`SubRect` view that asks the whole pattern about shifted rows, keys and tiles.
+
 The algebra
 -----------
 Every pattern class is a subclass of :class:`Pattern` and keeps its fields ``causal``, ``window``,
@@ -146,18 +155,28 @@ class Pattern:
     dense:
         Boolean array broadcastable to ``(B, H, Sq, Sk)``, True = visible; stored as given
         (rank is padded to 4 with leading 1s).
+    offset:
+        None (the offset follows ``alignment``) or the diagonal offset ``s`` itself, whatever
+        ``Sq`` and ``Sk`` are (a sub-rectangle's band: :meth:`subrect`).
 
-    Subclasses add a predicate of their own, which is intersected with these four.
+    Subclasses add a predicate of their own, which is intersected with these five.
     """
 
     causal: bool = False
     window: Optional[Tuple[int, int]] = None
     alignment: str = "bottom_right"
     dense: Optional[np.ndarray] = field(default=None, repr=False)
+    offset: Optional[int] = None
+
+    #: whether :meth:`classify` takes tiles at any position (not only a grid from 0): what
+    #: :class:`SubRect` needs to ask the whole pattern about shifted tiles
+    _shift_safe = True
 
     def __post_init__(self):
         diagonal_offset(self.alignment, 0, 0)  # validates the name
         object.__setattr__(self, "window", check_window(self.window))
+        if self.offset is not None:
+            object.__setattr__(self, "offset", check_int(self.offset, "offset"))
         if self.dense is not None:
             d = np.asarray(self.dense)
             if d.dtype != np.bool_:
@@ -168,13 +187,17 @@ class Pattern:
             object.__setattr__(self, "dense", d.reshape((1,) * (4 - d.ndim) + d.shape))
 
     # -- the band ---------------------------------------------------------------------------
+    def diagonal(self, sq: int, sk: int) -> int:
+        """``s``: the explicit ``offset`` when given, else :func:`diagonal_offset` of the alignment."""
+        return self.offset if self.offset is not None else diagonal_offset(self.alignment, sq, sk)
+
     def band(self, sq: int, sk: int) -> Tuple[int, Optional[int], Optional[int]]:
         """``(s, lo, hi)``: key ``j`` passes the band iff ``lo <= j - (i + s) <= hi``.
 
         ``lo``/``hi`` are None where unbounded. Causal and window intersect: causal sets
         ``hi = min(hi, 0)``. ``s`` is the diagonal offset for every pattern class.
         """
-        s = diagonal_offset(self.alignment, sq, sk)
+        s = self.diagonal(sq, sk)
         lo = hi = None
         if self.window is not None:
             left, right = self.window
@@ -193,6 +216,23 @@ class Pattern:
         """True when visibility is the causal/window band alone: compiled backends may then test
         pairs analytically (``lo <= j - (i + s) <= hi``) instead of reading :meth:`tile_plan`."""
         return type(self) is Pattern and self.dense is None
+
+    # -- sub-rectangles ---------------------------------------------------------------------
+    def subrect(self, q0: int, k0: int, sq: int, sk: int) -> "Pattern":
+        """This pattern seen from rows ``q0 ..`` and keys ``k0 ..`` of its ``sq x sk`` problem.
+
+        The result's local pair ``(i, j)`` is visible iff this pattern's ``(q0 + i, k0 + j)`` is,
+        for any local extent that fits (``q0 + rows <= sq``, ``k0 + keys <= sk``), and its band's
+        offset is ``s + q0 - k0`` (ALiBi's ``|i + s - j|`` in global positions). A band alone is
+        again a band (:attr:`is_band_only`: the analytic fast path of compiled backends); anything
+        else is a :class:`SubRect` view.
+        """
+        q0, k0 = check_int(q0, "q0", 0), check_int(k0, "k0", 0)
+        sq, sk = check_int(sq, "sq", 0), check_int(sk, "sk", 0)
+        if self.is_band_only:
+            return Pattern(causal=self.causal, window=self.window, alignment=self.alignment,
+                           offset=self.diagonal(sq, sk) + q0 - k0)
+        return SubRect(parent=self, q0=q0, k0=k0, sq=sq, sk=sk)
 
     # -- the algebra ------------------------------------------------------------------------
     def __or__(self, other: "Pattern") -> "Pattern":
@@ -372,7 +412,9 @@ class Pattern:
             parts.append("causal")
         if self.window is not None:
             parts.append(f"window={self.window}")
-        if self.alignment != "bottom_right":
+        if self.offset is not None:
+            parts.append(f"offset={self.offset}")
+        elif self.alignment != "bottom_right":
             parts.append(f"alignment={self.alignment!r}")
         if self.dense is not None:
             parts.append(f"dense{fmt_shape(self.dense.shape)}")
@@ -498,6 +540,66 @@ class Heads(Pattern):
         return [f"heads=[{', '.join(map(repr, self.parts))}]"]
 
 
+def _shift_safe(p: Pattern) -> bool:
+    """Whether ``p`` and every part of it classify tiles at any position (:class:`SubRect`)."""
+    parts = getattr(p, "parts", ()) if isinstance(p, (_Combination, Heads)) else ()
+    return type(p)._shift_safe and all(_shift_safe(q) for q in parts)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class SubRect(Pattern):
+    """Rows ``q0 ..`` and keys ``k0 ..`` of ``parent``'s ``sq x sk`` problem as a pattern of their
+    own (:meth:`Pattern.subrect`): local ``(i, j)`` is visible iff ``parent``'s
+    ``(q0 + i, k0 + j)`` is. ``keep`` and ``classify`` ask ``parent`` in global coordinates (tiles
+    shifted, so block and band classification stay O(tiles)); ``band`` is the parent's with the
+    offset ``s + q0 - k0``. The local extent passed to its methods must fit the problem."""
+
+    parent: Pattern = None
+    q0: int = 0
+    k0: int = 0
+    sq: int = 0
+    sk: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_pattern(self.parent, "subrect")
+        if not _shift_safe(self.parent):
+            raise ParameterError(f"pattern: {self.parent!r} classifies tiles only on its own grid "
+                                 f"from row 0 and cannot be viewed as a sub-rectangle")
+
+    def _fits(self, sq, sk):
+        if self.q0 + sq > self.sq or self.k0 + sk > self.sk:
+            raise ShapeError(f"rect: expected rows {self.q0} .. {self.q0 + sq - 1} and keys {self.k0} .. "
+                             f"{self.k0 + sk - 1} inside the problem's {self.sq} x {self.sk}, got "
+                             f"{sq} rows and {sk} keys")
+
+    def band(self, sq, sk):
+        self._fits(sq, sk)
+        s, lo, hi = self.parent.band(self.sq, self.sk)
+        return s + self.q0 - self.k0, lo, hi
+
+    def diagonal(self, sq, sk):
+        return self.band(sq, sk)[0]
+
+    def keep(self, i, j, sq, sk):
+        self._fits(sq, sk)
+        return self.parent.keep(np.asarray(i, dtype=np.int64) + self.q0,
+                                np.asarray(j, dtype=np.int64) + self.k0, self.sq, self.sk)
+
+    def classify(self, tiles: Tiles) -> np.ndarray:
+        self._fits(tiles.sq, tiles.sk)
+        return self.parent.classify(Tiles(tiles.i0 + self.q0, tiles.i1 + self.q0, tiles.j0 + self.k0,
+                                          tiles.j1 + self.k0, self.sq, self.sk))
+
+    @property
+    def exact_classify(self) -> bool:
+        return self.parent.exact_classify
+
+    def __repr__(self):
+        return (f"SubRect({self.parent!r}, rows from {self.q0}, keys from {self.k0} of "
+                f"{self.sq} x {self.sk})")
+
+
 # -- predicates ---------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False, repr=False)
 class Dilated(Pattern):
@@ -517,7 +619,7 @@ class Dilated(Pattern):
         object.__setattr__(self, "steps", tuple(check_int(w, "steps", -1) for w in self.steps))
 
     def _range(self, sq, sk):
-        s = diagonal_offset(self.alignment, sq, sk)
+        s = self.diagonal(sq, sk)
         left, right = self.steps
         d = self.dilation
         return s, (None if left < 0 else -left * d), (None if right < 0 else right * d)
@@ -563,11 +665,11 @@ class LocalBlocks(Pattern):
         object.__setattr__(self, "block", check_int(self.block, "block", 1))
 
     def _own_keep(self, i, j, sq, sk):
-        s = diagonal_offset(self.alignment, sq, sk)
+        s = self.diagonal(sq, sk)
         return (j[None, :] // self.block) == ((i[:, None] + s) // self.block)
 
     def _own_classify(self, t):
-        s = diagonal_offset(self.alignment, t.sq, t.sk)
+        s = self.diagonal(t.sq, t.sk)
         qb0, qb1 = (t.i0 + s) // self.block, (t.i1 + s) // self.block
         kb0, kb1 = t.j0 // self.block, t.j1 // self.block
         empty = (qb1[:, None] < kb0[None, :]) | (kb1[None, :] < qb0[:, None])
@@ -666,7 +768,7 @@ class Global(Pattern):
 
     def _row_flags(self, i, sq, sk):
         """(Bm, len(i)): is the query at row i (position i + s) global?"""
-        s = diagonal_offset(self.alignment, sq, sk)
+        s = self.diagonal(sq, sk)
         p = i + s
         if self.tokens.dtype != np.bool_:  # positions: any query position may be global
             return np.isin(p, self.tokens)[None, :]
@@ -773,6 +875,7 @@ class RandomKeys(Pattern):
 
     table: object = None
     block: int = 1
+    _shift_safe = False  # its tile classification assumes the grid from row 0, key 0
 
     def __post_init__(self):
         super().__post_init__()

@@ -22,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 
+from refattn.errors import ParameterError
 from refattn.patterns import EMPTY
 
 from . import _abi
@@ -143,6 +144,9 @@ def attend_record(dev, plan: TilePlan, *, q, k, v, head_map, scale, score_mod=No
             f["drop_mask"] = put(dropout.mask, np.uint8)
             f["dm_b"], f["dm_h"], f["dm_i"], f["dm_j"] = _dims(dropout.mask)
         else:
+            if dropout.shifted:  # the CUDA kernels read the counter i * Sk + j of the call itself
+                raise ParameterError("dropout_seed: the cupy backend has no Philox counter offset for "
+                                     "a sub-rectangle (rect=); use the numpy or numba backend")
             f["dropout"] = _abi.DROP_PHILOX
             f["seed"] = int(dropout.seed)
     f.update(extra or {})

@@ -28,8 +28,10 @@ Visibility = namedtuple("Visibility", ["layout", "pindex", "pmasks", "band_only"
 ScoreMods = namedtuple("ScoreMods", ["softcap", "slopes", "alibi", "bias", "has_bias", "offset"])
 
 #: ``mode`` 0 none, 1 Philox (``_philox``), 2 explicit ``mask`` (4-d bool, broadcast over size-1
-#: dims); kept probabilities are multiplied by ``scale`` = 1 / (1 - p)
-DropoutSpec = namedtuple("DropoutSpec", ["mode", "p", "scale", "seed", "mask"])
+#: dims); kept probabilities are multiplied by ``scale`` = 1 / (1 - p). Philox counter of the call's
+#: pair ``(i, j)``: ``(row0 + i) * stride + col0 + j``, ``stride`` 0 meaning the call's ``Sk`` (a
+#: sub-rectangle passes its global origin and the whole problem's ``Sk``: refattn.subrect)
+DropoutSpec = namedtuple("DropoutSpec", ["mode", "p", "scale", "seed", "mask", "row0", "col0", "stride"])
 
 #: what every task of a call shares; the score mods and the dropout travel beside it as separate
 #: arguments, None when absent, so that numba compiles only the code a call needs

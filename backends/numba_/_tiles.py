@@ -182,13 +182,15 @@ def probs_from_lse(w, sc, lse_rows, p):
 
 @njit(cache=True)
 def keep_tile(keep, drop, b, h, hq, i0, j0, sk):
-    """Dropout keep-mask of a tile (``keep`` is ``r x c`` bool)."""
+    """Dropout keep-mask of a tile (``keep`` is ``r x c`` bool). Philox counter of the tile's
+    ``(ii, jj)``: ``(row0 + i0 + ii) * stride + col0 + j0 + jj``, ``stride`` 0 meaning ``sk``."""
     mode, p, seed, dmask = drop.mode, drop.p, drop.seed, drop.mask
     r, c = keep.shape
     if mode == 1:
         stream = np.uint64(b * hq + h)
+        stride = drop.stride if drop.stride > 0 else sk
         for ii in range(r):
-            keep_row(seed, stream, (i0 + ii) * sk + j0, p, keep[ii])
+            keep_row(seed, stream, (drop.row0 + i0 + ii) * stride + drop.col0 + j0, p, keep[ii])
     else:
         nb, nh, ni, nj = dmask.shape
         for ii in range(r):

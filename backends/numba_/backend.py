@@ -153,8 +153,10 @@ def dropout_spec(dropout):
         return None
     if dropout.mask is not None:
         return DropoutSpec(2, float(dropout.p), float(dropout.scale), np.uint64(0),
-                           np.ascontiguousarray(dropout.mask, dtype=np.bool_))
-    return DropoutSpec(1, float(dropout.p), float(dropout.scale), np.uint64(dropout.seed), none)
+                           np.ascontiguousarray(dropout.mask, dtype=np.bool_), 0, 0, 0)
+    return DropoutSpec(1, float(dropout.p), float(dropout.scale), np.uint64(dropout.seed), none,
+                       int(dropout.row0), int(dropout.col0),
+                       0 if dropout.stride is None else int(dropout.stride))
 
 
 def _row_dots(dout, out, rows_per_chunk: int = 1024):

@@ -65,6 +65,8 @@ evaluates (through the one pipeline), :mod:`.verdict` measures and judges, :mod:
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from typing import Optional
 
@@ -203,6 +205,13 @@ def compare(problem: Problem, backend: Optional[str], against: str,
 @click.option("--report", "report_path", metavar="OUT.md|OUT.html", default=None,
               help="Also write a report with the table, the error account and a heat map of the "
                    "error per (query, key block) (matplotlib). Default: none.")
+@click.option("--distributed", is_flag=True, default=False,
+              help="Run the backend under test as refattn.distributed Dask tasks (one per visible "
+                   "query chunk x KV chunk), merged; the reference runs as usual.")
+@click.option("--scheduler", metavar="ADDRESS", default=None,
+              help="With --distributed: a running Dask scheduler. Default: a LocalCluster.")
+@click.option("--chunk", type=click.IntRange(1), default=128, show_default=True,
+              help="With --distributed: tokens per query and KV chunk.")
 @hf_options
 @flex_option
 @json_option
@@ -210,7 +219,7 @@ def compare(problem: Problem, backend: Optional[str], against: str,
 def command(variant, backend, against, case, shape, seed, params, inputs, impl_spec, adapter,
             framework, device, lse, backward, outputs, dtype, baseline, grad, factor, atol, timeout,
             report_path, as_json, hf_config=None, hf_layer=None, hf_seq=None, hf_tolerance=None,
-            flex_spec=None):
+            flex_spec=None, distributed=False, scheduler=None, chunk=128):
     """Compare a backend, a function (--impl) or saved outputs (--outputs) with the float64
     reference and print the errors and a verdict; on FAIL, the worst (b, h, i, j) and where the
     errors cluster. With --hf-config: one layer of a transformers model (refattn.cli.compare.hf).
@@ -234,6 +243,12 @@ def command(variant, backend, against, case, shape, seed, params, inputs, impl_s
                             baseline=baseline, factor=factor, atol=atol, grad=grad,
                             report=report_path, backend=backend, against=against, case=case,
                             shape=shape, seed=seed, timeout=timeout)
+    if scheduler is not None and not distributed:
+        raise ParameterError(f"--scheduler: only with --distributed, got {scheduler!r}")
+    if distributed:
+        if oracle.kind != "backend":
+            raise ParameterError("--distributed: expected a backend under test, not --impl/--outputs")
+        oracle = dataclasses.replace(oracle, distributed=(scheduler, chunk))
     if against not in ("numpy", "golden"):
         backends.get(against)  # an unknown reference backend is a usage error before any work
     if backend is not None:

@@ -90,6 +90,8 @@ class Oracle:
     grad: bool = False
     report: Optional[str] = None
     timeout: Optional[float] = None
+    #: the backend under test runs as refattn.distributed tasks: (scheduler address or None, chunk)
+    distributed: Optional[tuple] = None
 
     @property
     def kind(self) -> str:

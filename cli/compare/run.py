@@ -201,6 +201,15 @@ def run_under_test(problem: Problem, backend: Optional[str], oracle: Optional[Or
                                 & {"cu_seqlens_q", "cu_seqlens_k", "mask", "bias", "alibi_slopes",
                                    "sinks", "head_map", "dropout_mask"})}, got)
     name = backend or backends.fastest(problem.variant.backends)
+    if oracle is not None and oracle.distributed is not None:
+        scheduler, chunk = oracle.distributed
+        from refattn.distributed import outputs
+        got = outputs(problem.variant, dict(problem.inputs), problem.params_for(False), backend=name,
+                      client=scheduler, chunk=chunk, dout=dout)
+        got = {g: got[n] for g, n in {"out": "out", "lse": "lse", **grad_names(problem.variant)}.items()
+               if n in got}
+        return {"kind": "backend", "name": f"{name} on dask ({scheduler or 'LocalCluster'}, chunk "
+                                          f"{chunk})"}, got
     return {"kind": "backend", "name": name}, run_backend(problem, name, f"{name} (under test)", dout)
 
 

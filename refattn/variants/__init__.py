@@ -77,6 +77,9 @@ class Variant:
     ``verdict`` (optional) changes the defaults of the low-precision verdict rule of
     :mod:`refattn.numerics` for this variant: ``{"factor": 3.0, "atol": {"bf16": 2**-7}}``
     (``atol`` per dtype, or one number for all); None keeps factor 2 and atol eps(dtype)/2.
+    ``subrect`` declares that the variant computes a sub-rectangle of a larger problem in global
+    coordinates (the ``rect=`` parameter, :mod:`refattn.subrect`; what ``refattn.distributed``
+    runs); without it ``rect`` is not one of its parameters.
     """
 
     name: str
@@ -104,12 +107,15 @@ class Variant:
     #: variants need lengths at which their pattern is really sparse)
     default_shape: tuple = (1, 8, 256, 256, 64, 8)
     verdict: Optional[dict] = field(default=None, compare=False)  # a dict: kept out of hash()
+    subrect: bool = False
 
     def __post_init__(self):
         known = {f.name for f in dataclasses.fields(self.params)}
         bad = sorted(set(self.drop) - known)
         if bad:
             raise ParameterError(f"drop: {bad[0]!r} is not a field of {self.params.__name__}")
+        if not self.subrect and "rect" in known and "rect" not in self.drop:
+            object.__setattr__(self, "drop", tuple(self.drop) + ("rect",))  # declared, or absent
         shapes = {n: _QKV_SHAPES[n] for n in self.inputs if n in _QKV_SHAPES}
         shapes.update(self.input_shapes)
         missing = [n for n in self.inputs if n not in shapes]

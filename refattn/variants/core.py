@@ -21,6 +21,9 @@ Conventions (all tested; see also :mod:`refattn.patterns`)
 * LSE: natural log, shape ``(B, Hq, Sq)``; ``lse_base=2`` returns ``lse / ln 2`` (FlashInfer).
 * Dropout on probabilities, scaled by ``1/(1-p)``; LSE unaffected; mask from Philox4x64-10
   (:mod:`refattn.dropout`) with ``dropout_seed``, or ``dropout_mask`` (True = keep).
+* ``rect=(q0, k0, Sq, Sk)`` (variants declaring ``subrect``): the call's arrays are rows ``q0 ..``
+  and keys ``k0 ..`` of a larger ``Sq x Sk`` problem, every position-dependent knob sees global
+  positions, and the result is that sub-rectangle's partial state (:mod:`refattn.subrect`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ import numpy as np
 from refattn.backends.base import Dropout, ScoreMod
 from .. import validate as V
 from ..errors import ParameterError, ShapeError, fmt_shape
+from .. import subrect
 from ..patterns import ALIGNMENTS, Pattern
+from ..subrect import Rect
 from . import Variant, param_field, register
 
 CAUSAL_VALUES = (False, True, "bottom_right", "top_left")
@@ -65,6 +70,8 @@ class CoreParams:
     empty_row: str = param_field("zero", "rows with no visible key: 'zero' (LSE -inf) or 'nan'")
     lse_base: Any = param_field(math.e, "e (natural log) or 2")
     compute_dtype: str = param_field("float64", "float64; numba/cupy also take float32")
+    rect: Any = param_field(None, "(q0, k0, Sq, Sk): the arrays are rows q0.. and keys k0.. of an Sq x Sk "
+                                  "problem; the partial state in global coordinates (refattn.subrect)")
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,12 @@ class FlashParams(CoreParams):
 
 @dataclass
 class Prepared:
-    """Validated inputs in ``bhsd`` layout and the compute dtype, plus the primitive records."""
+    """Validated inputs in ``bhsd`` layout and the compute dtype, plus the primitive records.
+
+    ``pattern`` is the *whole* problem's; with a ``rect`` (:mod:`refattn.subrect`) the arrays are
+    its sub-rectangle, ``shape`` is the whole problem's ``(B, Hq, Sq, Sk)``, and
+    :meth:`primitive_kwargs` hands the backend the pattern's sub-rectangle view.
+    """
 
     q: np.ndarray
     k: np.ndarray
@@ -86,9 +98,23 @@ class Prepared:
     score_mod: Optional[ScoreMod]
     sinks: Optional[np.ndarray]
     dropout: Optional[Dropout]
+    rect: Optional[Rect] = None
 
-    def primitive_kwargs(self):
-        return dict(pattern=self.pattern, scale=self.scale, head_map=self.head_map,
+    @property
+    def shape(self) -> tuple:
+        """``(B, Hq, Sq, Sk)`` of the whole problem (of the arrays themselves without a rect)."""
+        b, hq, sq, _ = self.q.shape
+        if self.rect is not None:
+            return b, hq, self.rect.sq, self.rect.sk
+        return b, hq, sq, self.k.shape[2]
+
+    def primitive_kwargs(self, pattern: Optional[Pattern] = None):
+        """The backend primitives' keywords; ``pattern`` (a whole-problem pattern) replaces
+        ``self.pattern``, and with a rect its sub-rectangle view is what the backend gets."""
+        pattern = self.pattern if pattern is None else pattern
+        if self.rect is not None:
+            pattern = pattern.subrect(self.rect.q0, self.rect.k0, self.rect.sq, self.rect.sk)
+        return dict(pattern=pattern, scale=self.scale, head_map=self.head_map,
                     score_mod=self.score_mod, sinks=self.sinks, dropout=self.dropout)
 
 
@@ -131,6 +157,10 @@ def prepare(backend, arrays: dict, p: CoreParams, heads: Optional[str] = None) -
         raise ShapeError(f"k: expected 1 KV head for variant 'mqa', got {hkv}")
     head_map = V.head_map_for(hq, hkv, p.head_map)
 
+    rect = None
+    if p.rect is not None:  # a sub-rectangle: refuse what it cannot honour (refattn.subrect)
+        subrect.refuse(p)
+        rect = Rect.of(p.rect).check(sq, sk)
     alignment = p.causal if isinstance(p.causal, str) else p.alignment
     target = (b, hq, sq, sk)
     dense = None if p.mask is None else V.check_broadcast(p.mask, "mask", target, kind="bool")
@@ -140,7 +170,7 @@ def prepare(backend, arrays: dict, p: CoreParams, heads: Optional[str] = None) -
     softcap = V.check_positive(p.softcap, "softcap")
     slopes = None if p.alibi_slopes is None else V.check_per_head(p.alibi_slopes, "alibi_slopes", hq)
     bias = None if p.bias is None else V.check_broadcast(p.bias, "bias", target, dtype=p.compute_dtype)
-    _, lo, hi = pattern.band(sq, sk)
+    _, lo, hi = pattern.band(*((sq, sk) if rect is None else (rect.sq, rect.sk)))
     if slopes is not None and p.alibi_form == "flash" and not (lo is None and hi == 0):
         # flash-attn adds +slope*j only in its causal kernel (is_causal = left < 0 and right == 0);
         # its non-causal and local kernels use the symmetric form, so nothing computes this one.
@@ -157,13 +187,14 @@ def prepare(backend, arrays: dict, p: CoreParams, heads: Optional[str] = None) -
     dp = V.check_dropout(p.dropout_p, p.dropout_seed, drop_mask)
     dropout = None
     if dp > 0 or drop_mask is not None:
-        dropout = Dropout(p=dp, seed=p.dropout_seed, mask=drop_mask)
+        origin = {} if rect is None else dict(row0=rect.q0, col0=rect.k0, stride=rect.sk)
+        dropout = Dropout(p=dp, seed=p.dropout_seed, mask=drop_mask, **origin)
     scale = V.check_scale(p.scale, d)
     V.check_score_range(q, k, scale, bias)
     return Prepared(q=q, k=k, v=v, head_map=head_map, pattern=pattern,
                     scale=scale,
                     score_mod=None if score_mod.is_identity else score_mod, sinks=sinks,
-                    dropout=dropout)
+                    dropout=dropout, rect=rect)
 
 
 def finish(out, lse, p: CoreParams):
@@ -203,13 +234,26 @@ def check_dout(dout, pre: Prepared, p: CoreParams) -> np.ndarray:
     return np.ascontiguousarray(to_layout(dout, p))
 
 
+def forward_state(backend, pre: Prepared, p: CoreParams, forward):
+    """``(out, lse)`` the backward needs: ``forward()`` recomputed, or on a sub-rectangle the whole
+    problem's output and normaliser on its rows, given in ``rect`` (:mod:`refattn.subrect`)."""
+    if pre.rect is None:
+        return forward()
+    b, hq, sq, _ = pre.q.shape
+    out_shape = (b, hq, sq, pre.v.shape[3]) if p.layout == "bhsd" else (b, sq, hq, pre.v.shape[3])
+    out, lse = pre.rect.state(out_shape, (b, hq, sq))
+    out = np.ascontiguousarray(to_layout(V.as_compute(out, "rect.out", p.compute_dtype), p))
+    return backend.asarray(out, dtype=out.dtype), backend.asarray(lse)
+
+
 def backward_prepared(backend, pre: Prepared, dout, p: CoreParams):
     """``(dq, dk, dv, extras)`` of ``attend`` on prepared inputs, in ``bhsd`` (``dout`` in
-    ``p.layout``). The forward is recomputed for the ``out`` and ``lse`` the backward needs;
-    ``extras["bias"]`` has the prepared (4-d) bias's shape."""
+    ``p.layout``). The forward is recomputed for the ``out`` and ``lse`` the backward needs (a
+    sub-rectangle is given them: :func:`forward_state`); ``extras["bias"]`` has the prepared (4-d)
+    bias's shape."""
     dout = check_dout(dout, pre, p)
     kw = pre.primitive_kwargs()
-    out, lse = backend.attend(pre.q, pre.k, pre.v, **kw)
+    out, lse = forward_state(backend, pre, p, lambda: backend.attend(pre.q, pre.k, pre.v, **kw))
     dq, dk, dv, extras = backend.attend_backward(pre.q, pre.k, pre.v, out, lse, dout, **kw)
     return (*(backend.to_numpy(g) for g in (dq, dk, dv)),
             {n: backend.to_numpy(g) for n, g in extras.items()})
@@ -300,26 +344,27 @@ def example(shape, rng, params=None):
 
 _CITE_SDPA = "Vaswani et al., Attention Is All You Need, NeurIPS 2017"
 _COMMON = dict(family="core", backends=("numpy", "numba", "cupy"), tolerance=1e-12, example=example)
+_SUBRECT = dict(_COMMON, subrect=True)
 
 register(Variant(
     name="sdpa", doc="Scaled dot-product attention with every knob (causal, window, mask, bias, "
     "softcap, ALiBi, sinks, dropout, GQA head maps); the definition every other variant reduces to.",
-    citation=_CITE_SDPA, params=CoreParams, forward=_forward(None), backward=_backward(None), **_COMMON))
+    citation=_CITE_SDPA, params=CoreParams, forward=_forward(None), backward=_backward(None), **_SUBRECT))
 register(Variant(
     name="mha", doc="Multi-head attention: sdpa with as many KV heads as query heads.",
     citation=_CITE_SDPA, params=CoreParams, forward=_forward("mha"), backward=_backward("mha"),
-    drop=("head_map",), **_COMMON))
+    drop=("head_map",), **_SUBRECT))
 register(Variant(
     name="mqa", doc="Multi-query attention: sdpa with one KV head shared by every query head.",
     citation="Shazeer, Fast Transformer Decoding: One Write-Head is All You Need, 2019",
     params=CoreParams, forward=_forward("mqa"), backward=_backward("mqa"),
-    default_shape=(1, 8, 256, 256, 64, 1), drop=("head_map",), **_COMMON))
+    default_shape=(1, 8, 256, 256, 64, 1), drop=("head_map",), **_SUBRECT))
 register(Variant(
     name="gqa", doc="Grouped-query attention: query head h reads KV head h // (Hq // Hkv); "
     "head_map= allows uneven groupings (QCQA).",
     citation="Ainslie et al., GQA: Training Generalized Multi-Query Transformer Models, EMNLP 2023",
     params=CoreParams, forward=_forward("gqa"), backward=_backward("gqa"),
-    default_shape=(1, 8, 256, 256, 64, 2), **_COMMON))
+    default_shape=(1, 8, 256, 256, 64, 2), **_SUBRECT))
 register(Variant(
     name="flash", doc="FlashAttention's tiled online-softmax forward spelled out (tiles block_q x "
     "block_k, running max and sum); equals sdpa to float64 rounding. Backward as sdpa.",

@@ -55,9 +55,7 @@ def prepared(backend, arrays, p, build: Callable) -> Prepared:
 def attend_pattern(backend, pre: Prepared, pattern: Optional[Pattern] = None, q=None, k=None, v=None):
     """``backend.attend`` on ``pre``'s arrays (or the given ones) with ``pattern`` (default:
     ``pre.pattern``) and ``pre``'s scale, head map, score modification, sinks and dropout."""
-    kw = pre.primitive_kwargs()
-    if pattern is not None:
-        kw["pattern"] = pattern
+    kw = pre.primitive_kwargs(pattern)
     return backend.attend(pre.q if q is None else q, pre.k if k is None else k,
                           pre.v if v is None else v, **kw)
 
@@ -107,8 +105,8 @@ def _per_head(value, name, hq, minimum=1):
 
 
 def _shape(pre):
-    b, hq, sq, _ = pre.q.shape
-    return b, hq, sq, pre.k.shape[2]
+    """``(B, Hq, Sq, Sk)`` of the whole problem (a sub-rectangle's too: patterns are global)."""
+    return pre.shape
 
 
 def _heads_mode(mode, hq, part_a, part_b):
@@ -181,7 +179,7 @@ _register("sliding_window",
           "Local attention: key j visible iff i+s-left <= j <= i+s+right; a causal window of w "
           "tokens including self is window=(w-1, 0), a symmetric one window=w.",
           "Beltagy et al., Longformer, 2020; Child et al., Sparse Transformers, 2019",
-          SlidingWindowParams, _sliding, aliases=("local",))
+          SlidingWindowParams, _sliding, aliases=("local",), subrect=True)
 
 
 # -- dilated ------------------------------------------------------------------------------------
@@ -465,6 +463,9 @@ def _block_sparse(p, pre):
             raise ShapeError(f"block_mask: expected (nbq, nbk) = ({nbq}, {nbk}), optionally with "
                              f"leading (B={b}, Hq={hq}), got {fmt_shape(lay.shape)}")
         return BlockSparse(layout=lay, block_q=block, block_k=block, alignment=al)
+    if pre.rect is not None:
+        raise ParameterError(f"block_mask: expected an explicit block mask on a sub-rectangle (rect=): "
+                             f"select={p.select!r} pools the whole q and k, got none")
     V.check_choice(p.select, "select", ("topk", "threshold"))
     hidden = future_blocks(nbq, nbk, block, sq, s) if pre.pattern.causal else np.zeros((nbq, nbk), bool)
     probs = _pooled_probs(pool_blocks(pre.q, block), pool_blocks(pre.k, block), pre.scale,
@@ -484,7 +485,7 @@ _register("block_sparse",
           "scale) per query head: top-k per block row or probability >= tau; the first key block "
           "and the diagonal block are always kept; with causal, future blocks never are.",
           "Dao et al., FlashAttention (block-sparse), NeurIPS 2022; Jiang et al., MInference, 2024",
-          BlockSparseParams, _block_sparse, default_shape=(1, 4, 512, 512, 32, 4))
+          BlockSparseParams, _block_sparse, default_shape=(1, 4, 512, 512, 32, 4), subrect=True)
 
 
 # -- seer -----------------------------------------------------------------------------------------

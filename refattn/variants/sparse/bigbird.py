@@ -43,7 +43,7 @@ from ... import validate as V
 from ...errors import ParameterError, ShapeError, fmt_shape
 from ...patterns import BlockSparse
 from .. import Variant, param_field, register
-from ..core import CoreParams, check_dout, finish, prepare, to_layout
+from ..core import CoreParams, check_dout, finish, forward_state, prepare, to_layout
 from . import COMMON, PATTERNS, SPARSE_DROP, attend_pattern, sparse_example, with_core
 
 
@@ -258,9 +258,9 @@ def bigbird_layers(p: BigBirdParams, seq_len: int, heads: int, alignment="bottom
 
 def _setup(backend, arrays, p):
     pre = prepare(backend, arrays, p)
-    b, hq, sq, _ = pre.q.shape
-    if pre.k.shape[2] != sq:
-        raise ShapeError(f"k: expected Sk == Sq = {sq} (BigBird is self-attention), got {pre.k.shape[2]}")
+    b, hq, sq, sk = pre.shape  # the whole problem's (a sub-rectangle's pattern is global)
+    if sk != sq:
+        raise ShapeError(f"k: expected Sk == Sq = {sq} (BigBird is self-attention), got {sk}")
     layers = bigbird_layers(p, sq, hq, pre.pattern.alignment)
     pats = [pre.pattern] if layers is None else [with_core(pre.pattern, lay) for lay in layers]
     if len(pats) > 1 and (pre.sinks is not None or pre.dropout is not None):
@@ -269,12 +269,19 @@ def _setup(backend, arrays, p):
     return pre, pats
 
 
-def _forward(backend, arrays, p):
-    pre, pats = _setup(backend, arrays, p)
+def _attend_layers(backend, pre, pats):
+    """``(out, lse)`` over the multiplicity layers, merged: each extra level is one more copy of
+    its keys."""
     out, lse = attend_pattern(backend, pre, pats[0])
-    for pat in pats[1:]:  # each extra multiplicity level is one more copy of those keys
+    for pat in pats[1:]:
         o2, l2 = attend_pattern(backend, pre, pat)
         out, lse = backend.merge_states(out, lse, o2, l2)
+    return out, lse
+
+
+def _forward(backend, arrays, p):
+    pre, pats = _setup(backend, arrays, p)
+    out, lse = _attend_layers(backend, pre, pats)
     return finish(backend.to_numpy(out), backend.to_numpy(lse), p)
 
 
@@ -283,13 +290,10 @@ def _backward(backend, arrays, dout, p):
     *merged* output and LSE gives that layer's share (the multiset's sum splits over layers)."""
     pre, pats = _setup(backend, arrays, p)
     dout = check_dout(dout, pre, p)
-    out, lse = attend_pattern(backend, pre, pats[0])
-    for pat in pats[1:]:
-        o2, l2 = attend_pattern(backend, pre, pat)
-        out, lse = backend.merge_states(out, lse, o2, l2)
+    out, lse = forward_state(backend, pre, p, lambda: _attend_layers(backend, pre, pats))
     grads, extras = None, {}
     for pat in pats:
-        kw = {**pre.primitive_kwargs(), "pattern": pat}
+        kw = pre.primitive_kwargs(pat)
         *g, ex = backend.attend_backward(pre.q, pre.k, pre.v, out, lse, dout, **kw)
         grads = g if grads is None else [a + b for a, b in zip(grads, g)]
         for name, x in ex.items():  # a bias gradient also sums over the layers
@@ -312,4 +316,5 @@ register(Variant(
     citation="Zaheer et al., Big Bird: Transformers for Longer Sequences, NeurIPS 2020; HF "
     "transformers BigBirdBlockSparseAttention", params=BigBirdParams, forward=_forward,
     backward=_backward, example=sparse_example((1, 4, 1024, 1024, 64, 4)),
-    default_shape=(1, 4, 1024, 1024, 64, 4), drop=SPARSE_DROP + ("alignment",), **COMMON))
+    default_shape=(1, 4, 1024, 1024, 64, 4), drop=SPARSE_DROP + ("alignment",), subrect=True,
+    **COMMON))
