@@ -13,9 +13,11 @@ it times the forward and the backward of
   ``torch.set_num_threads`` equal to the numba backend's thread count. Without torch (or with
   ``--no-torch``) the ``vs torch`` column is empty and a line says why.
 
-Timing: one untimed warm-up call each, then ``--repeats`` rounds that call every implementation in
-turn (interleaved, so a burst of load from elsewhere hits all of them), reporting each one's fastest
-round. GFLOP/s count only visible (query, key) pairs: forward ``4 * D * pairs`` per (batch, head)
+Timing: one untimed warm-up call each, then ``--repeats`` (default 5) rounds that call every
+implementation in turn, torch's backward included (interleaved, so a burst of load from elsewhere
+hits all of them), reporting each one's fastest round. The run first measures SciPy's DGEMM (and
+SGEMM for float32) at 1024^3 on the same threads, the practical peak the kernels' tile products
+run on, and prints it beside the table (JSON ``machine.gemm_gflops``). GFLOP/s count only visible (query, key) pairs: forward ``4 * D * pairs`` per (batch, head)
 (``2 D`` for ``Q K^T``, ``2 Dv`` for ``P V``), backward 2.5x that (the customary five products; our
 backward actually performs seven, recomputing ``S`` and ``dP`` in its dQ pass). ``vs torch`` is torch's
 time divided by ours (above 1: we are faster). Derived ratios: ``causal/full`` (our causal time over our
@@ -24,7 +26,8 @@ non-causal time) and ``dense causal/window`` (our causal time over our window ti
 JSON (``--json``; keys may be added, never removed or renamed)::
 
     {"refattn": "0.1.0", "machine": {"cpu": "...", "threads": 2, "load_before": [1m, 5m, 15m],
-     "load_after": [...], "numba": "...", "torch": "..." | null},
+     "load_after": [...], "numba": "...", "torch": "..." | null,
+     "gemm_gflops": {"float64": 38.2, ...}},
      "shape": {"B": 1, "H": 8, "N": 4096, "D": 64}, "repeats": 3,
      "rows": [{"dtype": "float64", "mask": "causal", "pass": "forward", "impl": "numba",
                "seconds": 0.31, "gflops": 55.6, "vs_torch": 1.02 | null}, ...],
@@ -67,17 +70,43 @@ def forward_flops(b, h, d, dv, pairs) -> float:
     return float(b * h * pairs * (2 * d + 2 * dv))
 
 
+class Timed(float):
+    """What a callable returns when it times itself (the part worth timing of a longer call)."""
+
+
 def best_of(funcs: dict, repeats: int) -> dict:
-    """Fastest wall time of each callable over ``repeats`` interleaved rounds (after one warm-up)."""
+    """Fastest time of each callable over ``repeats`` interleaved rounds (after one warm-up): its
+    wall time, or the :class:`Timed` seconds it returns (torch's backward times ``grad`` alone)."""
     for f in funcs.values():
         f()
     best = {name: float("inf") for name in funcs}
     for _ in range(repeats):
         for name, f in funcs.items():
             t0 = time.perf_counter()
-            f()
-            best[name] = min(best[name], time.perf_counter() - t0)
+            got = f()
+            sec = got if isinstance(got, Timed) else time.perf_counter() - t0
+            best[name] = min(best[name], sec)
     return best
+
+
+def gemm_gflops(dtype: str, threads: int, n: int = 1024, repeats: int = 5) -> float:
+    """This run's GEMM speed: SciPy's BLAS (the one the numba kernels call) on ``n x n x n`` in
+    ``dtype`` with ``threads`` BLAS threads, fastest of ``repeats`` -- the machine's practical peak,
+    printed beside the attention figures so runs on different days compare."""
+    from scipy.linalg import blas
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    a, b = (np.asfortranarray(rng.standard_normal((n, n)), dtype=dtype) for _ in range(2))
+    gemm = blas.dgemm if dtype == "float64" else blas.sgemm
+    best = float("inf")
+    with threadpool_limits(limits=threads, user_api="blas"):
+        gemm(1.0, a, b)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            gemm(1.0, a, b)
+            best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best / 1e9
 
 
 def _backend_calls(be, q, k, v, dout, pattern, scale):
@@ -117,21 +146,23 @@ def _torch_forward(q, k, v, pattern, mask_kind, threads):
     return forward
 
 
-def _torch_backward_only(q, k, v, dout, pattern, mask_kind, threads, repeats):
-    """torch's backward time alone: each round builds the graph untimed, then times ``grad``."""
+def _torch_backward(q, k, v, dout, pattern, mask_kind, threads):
+    """A closure timing torch's backward alone: it builds the graph untimed, then times ``grad``
+    and returns those seconds (:class:`Timed`), so it runs in the same interleaved rounds."""
     import torch
 
     torch.set_num_threads(threads)
     tq, tk, tv = (torch.from_numpy(x).requires_grad_(True) for x in (q, k, v))
     tdo = torch.from_numpy(dout)
     kw = _torch_mask_kwargs(pattern, mask_kind, q.shape[2], k.shape[2])
-    best = float("inf")
-    for _ in range(repeats + 1):
+
+    def backward():
         out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, **kw)
         t0 = time.perf_counter()
         torch.autograd.grad(out, (tq, tk, tv), tdo)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        return Timed(time.perf_counter() - t0)
+
+    return backward
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -147,7 +178,7 @@ def mask_patterns(causal: str, window: Optional[tuple]) -> dict:
     return kinds
 
 
-def run(shape, *, dtypes, causal="both", window=None, repeats=3, backward=True, numpy="auto",
+def run(shape, *, dtypes, causal="both", window=None, repeats=5, backward=True, numpy="auto",
         torch_peer=True, threads=None, progress: Callable = lambda msg: None) -> dict:
     """Time everything; returns the JSON-able result (see the module docstring). ``threads``:
     numba's (and so torch's) thread count, default numba's own (all cores)."""
@@ -173,7 +204,10 @@ def run(shape, *, dtypes, causal="both", window=None, repeats=3, backward=True, 
     base = {name: rng.standard_normal((b, h, n, d)) for name in ("q", "k", "v", "dout")}
     scale = 1.0 / np.sqrt(d)
     rows, load_before = [], os.getloadavg()
+    gemm = {}
     for dtype in dtypes:
+        progress(f"{dtype} GEMM speed of this run ({threads} BLAS thread(s))")
+        gemm[dtype] = gemm_gflops(dtype, threads)
         q, k, v, dout = (base[x].astype(dtype) for x in ("q", "k", "v", "dout"))
         for kind, pattern in mask_patterns(causal, window).items():
             pairs = visible_pairs(pattern, n, n)
@@ -191,11 +225,10 @@ def run(shape, *, dtypes, causal="both", window=None, repeats=3, backward=True, 
             progress(f"{dtype} {kind} forward: {', '.join(fwd)}")
             times = {"forward": best_of(fwd, repeats)}
             if backward:
-                progress(f"{dtype} {kind} backward: {', '.join(bwd)}{', torch' if tfwd else ''}")
-                times["backward"] = best_of(bwd, repeats)
                 if tfwd is not None:
-                    times["backward"]["torch"] = _torch_backward_only(
-                        q, k, v, dout, pattern, kind, threads, repeats)
+                    bwd["torch"] = _torch_backward(q, k, v, dout, pattern, kind, threads)
+                progress(f"{dtype} {kind} backward: {', '.join(bwd)}")
+                times["backward"] = best_of(bwd, repeats)
             for pass_, by_impl in times.items():
                 t_torch = by_impl.get("torch")
                 for impl, sec in by_impl.items():
@@ -207,7 +240,9 @@ def run(shape, *, dtypes, causal="both", window=None, repeats=3, backward=True, 
         torch_note = "not timed (--no-torch)"
     elif not any(r["impl"] == "torch" for r in rows):
         torch_note = "not timed: PyTorch is not installed (pip install 'refattn[peers]')"
-    return {"refattn": __version__, "machine": machine_info(threads, load_before),
+    machine = machine_info(threads, load_before)
+    machine["gemm_gflops"] = gemm
+    return {"refattn": __version__, "machine": machine,
             "shape": {"B": b, "H": h, "N": n, "D": d}, "window": window, "repeats": repeats,
             "rows": rows, "ratios": derived_ratios(rows), "torch": torch_note}
 
@@ -258,7 +293,9 @@ def render(result) -> str:
              f"best of {result['repeats']}",
              f"cpu: {m['cpu']}  threads: {m['threads']}  load: "
              f"{' '.join(f'{x:.2f}' for x in m['load_before'])} -> "
-             f"{' '.join(f'{x:.2f}' for x in m['load_after'])}", "",
+             f"{' '.join(f'{x:.2f}' for x in m['load_after'])}",
+             "GEMM 1024^3 this run (SciPy's BLAS, the kernels' own): " + ", ".join(
+                 f"{dt} {gf:.1f} GFLOP/s" for dt, gf in m.get("gemm_gflops", {}).items()), "",
              f"{'dtype':8} {'mask':7} {'pass':9} {'impl':6} {'seconds':>9} {'GFLOP/s':>8} {'vs torch':>9}"]
     for r in result["rows"]:
         vs = "" if r["vs_torch"] is None else f"{r['vs_torch']:.2f}x"
@@ -313,8 +350,9 @@ def parse_bench_shape(text):
                    "torch gets the equivalent boolean attn_mask).")
 @click.option("--dtype", type=click.Choice(["float64", "float32", "both"]), default="float64",
               show_default=True, help="Compute dtype(s).")
-@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
-              help="Timed rounds; each implementation's fastest round is reported.")
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
+              help="Timed rounds, interleaved (each round calls every implementation in turn); "
+                   "each implementation's fastest round is reported.")
 @click.option("--backward/--no-backward", default=True, show_default=True, help="Also time the backward.")
 @click.option("--numpy", "numpy_", type=click.Choice(["auto", "yes", "no"]), default="auto",
               show_default=True, help="Time the numpy backend (auto: when N*N <= 4096*4096).")

@@ -387,6 +387,29 @@ def test_bench_cli_json():
     assert out["torch"] == "not timed (--no-torch)"  # the empty column says why
     names = {(r["pass"], r["name"]) for r in out["ratios"]}
     assert ("forward", "causal/full") in names and ("forward", "dense causal/window") in names
+    assert set(out["machine"]["gemm_gflops"]) == {"float64"} and out["machine"]["gemm_gflops"]["float64"] > 0
+
+
+def test_bench_times_torch_backward_in_the_same_rounds():
+    """torch's backward is a callable of the interleaved rounds that times ``grad`` alone: best_of
+    takes the seconds it returns, not its wall time (which includes building the graph)."""
+    import time
+
+    from refattn.cli.bench import Timed, best_of
+
+    calls = []
+
+    def slow_but_timed():
+        calls.append("t")
+        time.sleep(0.02)
+        return Timed(1e-6)
+
+    def plain():
+        calls.append("p")
+
+    best = best_of({"t": slow_but_timed, "p": plain}, 3)
+    assert best["t"] == 1e-6 and 0 < best["p"] < 0.02
+    assert calls == ["t", "p"] * 4  # one warm-up, then rounds alternate
 
 
 @pytest.mark.parametrize("args", [["--shape", "1,2,3"], ["--window", "5"], ["--shape", "1,2,8,9,4,2"]])
