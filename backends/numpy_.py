@@ -132,7 +132,8 @@ class NumpyBackend(Backend):
         Also returns ``tanh(s / softcap)`` (needed by the backward) or None.
         """
         work = self.work
-        s = work(scale) * (q_rows @ np.swapaxes(k, -1, -2))
+        s = q_rows @ np.swapaxes(k, -1, -2)
+        s *= work(scale)  # in place, here and below: each chunk-sized temporary is a fresh mmap
         t = None
         if score_mod is not None:
             if score_mod.softcap is not None:
@@ -150,7 +151,8 @@ class NumpyBackend(Backend):
             if score_mod.bias is not None:
                 s = s + _take_cols(_take_rows(score_mod.bias, rows), cols)
         visible = pattern.mask(sq, sk, rows, cols)
-        s = np.where(visible, s, -np.inf).astype(work, copy=False)
+        s = s.astype(work, copy=False)
+        np.copyto(s, -np.inf, where=np.logical_not(visible))  # hidden pairs: -inf
         return s, (None if t is None else t.astype(work, copy=False))
 
     def dropout_keep(self, dropout, b, h, sq, sk, rows, segments=None):
@@ -216,10 +218,11 @@ class NumpyBackend(Backend):
                                      scale=scale, score_mod=score_mod)
             m = s.max(axis=-1, keepdims=True)
             m = np.where(np.isfinite(m), m, work(0))  # empty rows: every score is -inf
-            e = np.exp(s - m)
+            # e = exp(s - m), then p = e / l, in place in s (a row with l = 0 has e = 0: p = 0)
+            e = np.exp(np.subtract(s, m, out=s), out=s)
             l = e.sum(axis=-1, keepdims=True)
             with np.errstate(divide="ignore", invalid="ignore"):
-                p = np.where(l > 0, e / l, work(0))
+                p = np.divide(e, l, out=e, where=l > 0)
                 lse[:, :, rows] = np.log(l[..., 0]) + m[..., 0]
             keep = self.dropout_keep(dropout, b, hq, sq, sk, rows, segs)
             if keep is not None:
