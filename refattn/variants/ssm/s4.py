@@ -145,6 +145,73 @@ def _forward(backend, arrays, p: S4Params):
     return {"out": y, "final_state": final}
 
 
+def _discretize_backward(A, B, dt, method, d_abar, d_bbar):
+    """``(dA, dB, ddt)`` from the gradients of ``A_bar``, ``B_bar`` (per channel). ZOH: the
+    adjoint of ``expm``'s Frechet derivative at ``X = dt [[A, B], [0, 0]]`` is its Frechet
+    derivative at ``X^T`` (``scipy.linalg.expm_frechet``). Bilinear: ``A_bar = P R``, ``B_bar =
+    P dt B`` with ``P = (I - dt/2 A)^-1``, ``R = I + dt/2 A``, ``dP^-1 = -P^T dP P^T``."""
+    from scipy.linalg import expm_frechet
+
+    h, n, _ = A.shape
+    dA, dB, ddt = np.empty_like(A), np.empty_like(B), np.empty(h)
+    eye = np.eye(n)
+    for i in range(h):
+        if method == "zoh":
+            block = np.zeros((n + 1, n + 1))
+            block[:n, :n], block[:n, n] = A[i], B[i]
+            d_e = np.zeros((n + 1, n + 1))
+            d_e[:n, :n], d_e[:n, n] = d_abar[i], d_bbar[i]
+            g = expm_frechet(dt[i] * block.T, d_e, compute_expm=False)  # dL/dX
+            dA[i], dB[i] = dt[i] * g[:n, :n], dt[i] * g[:n, n]
+            ddt[i] = np.sum(g * block)
+        else:
+            P = np.linalg.inv(eye - 0.5 * dt[i] * A[i])
+            R = eye + 0.5 * dt[i] * A[i]
+            dR = P.T @ d_abar[i]
+            d_dtb = P.T @ d_bbar[i]
+            dP = d_abar[i] @ R.T + np.outer(d_bbar[i], dt[i] * B[i])
+            d_left = -P.T @ dP @ P.T  # left = I - dt/2 A
+            dA[i] = 0.5 * dt[i] * (dR - d_left)
+            dB[i] = dt[i] * d_dtb
+            ddt[i] = 0.5 * np.sum((dR - d_left) * A[i]) + np.dot(d_dtb, B[i])
+    return dA, dB, ddt
+
+
+def _backward(backend, arrays, dout, p: S4Params):
+    """Gradients of ``out`` (every form computes the same function) by the adjoint recurrence
+    ``g_t = C dy_t + A_bar^T g_{t+1}``: ``dA_bar = sum_t g_t x_{t-1}^T``, ``dB_bar = sum_t g_t u_t``,
+    ``du_t = B_bar . g_t + D dy_t``, ``dC = sum_t dy_t x_t``, then through the discretisation."""
+    u, A, Bv, Cv, dt, D, init = _prepare(arrays, p)
+    b, h, length = u.shape
+    dy = C.array(dout, "dout", 3, "(B, H, L)")
+    if dy.shape != u.shape:
+        raise ShapeError(f"dout: expected the output's shape {fmt_shape(u.shape)}, got "
+                         f"{fmt_shape(dy.shape)}")
+    a_bar, b_bar = discretize(A, Bv, dt, p.discretization)
+    xs = np.empty((b, h, length + 1, A.shape[1]))  # x_{-1}, x_0, ..., x_{L-1}
+    xs[:, :, 0] = 0.0 if init is None else init
+    for t in range(length):
+        xs[:, :, t + 1] = np.einsum("hnm,bhm->bhn", a_bar, xs[:, :, t]) + b_bar[None] * u[:, :, t, None]
+    g = np.zeros((b, h, A.shape[1]))
+    d_abar, d_bbar, du = np.zeros_like(a_bar), np.zeros_like(b_bar), np.empty_like(u)
+    for t in range(length - 1, -1, -1):
+        g = Cv[None] * dy[:, :, t, None] + g  # dL/dx_t (g held A_bar^T g_{t+1})
+        d_abar += np.einsum("bhn,bhm->hnm", g, xs[:, :, t])
+        d_bbar += np.sum(g * u[:, :, t, None], axis=0)
+        du[:, :, t] = np.einsum("hn,bhn->bh", b_bar, g)
+        g = np.einsum("hnm,bhn->bhm", a_bar, g)  # A_bar^T g_t
+    grads = {"C": np.einsum("bhl,bhln->hn", dy, xs[:, :, 1:])}
+    grads["A"], grads["B"], grads["dt"] = _discretize_backward(A, Bv, dt, p.discretization,
+                                                               d_abar, d_bbar)
+    if D is not None:
+        du = du + D[None, :, None] * dy
+        grads["D"] = np.sum(dy * u, axis=(0, 2))
+    grads["u"] = du
+    if init is not None:
+        grads["initial_state"] = g
+    return grads
+
+
 def _example(shape, rng, params):
     """``(B, Hq, Sq, Sk, D, Hkv)`` -> batch B, channels Hq, length Sq, state N = D. ``A``:
     HiPPO-LegS (``A_nk = -sqrt(2n+1) sqrt(2k+1)`` below the diagonal, ``-(n+1)`` on it),
@@ -162,7 +229,7 @@ register(Variant(
     doc="S4: LTI state space layer with a dense real A per channel, discretised by ZOH or the "
     "bilinear rule; recurrence == convolution with the kernel K_l = C A_bar^l B_bar (direct or FFT).",
     citation="Gu, Goel, Re, Efficiently Modeling Long Sequences with Structured State Spaces, ICLR 2022",
-    params=S4Params, forward=_forward, backends=("numpy",), tolerance=1e-12,
+    params=S4Params, forward=_forward, backward=_backward, backends=("numpy",), tolerance=1e-12,
     inputs=("u", "A", "B", "C", "dt"),
     input_shapes={"u": "(B, H, L)", "A": "(H, N, N)", "B": "(H, N)", "C": "(H, N)", "dt": "(H,)"},
     outputs=("out", "final_state"), example=_example, default_shape=(2, 16, 256, 256, 16, 1)))
