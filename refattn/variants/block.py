@@ -43,7 +43,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
-from scipy.special import erf
 
 from .. import validate as V
 from ..errors import ParameterError, ShapeError, fmt_shape
@@ -83,6 +82,13 @@ def check_eps(eps, name: str = "eps") -> float:
 
 
 # -- activations -------------------------------------------------------------------------------------
+def _erf(x):
+    """``scipy.special.erf``, imported when a GELU needs it: importing scipy.special costs ~0.3 s,
+    and every ``import refattn`` registers this module."""
+    from scipy.special import erf
+    return erf(x)
+
+
 def activation(a: np.ndarray, name: str) -> np.ndarray:
     """``silu(a) = a / (1 + exp(-a))``, ``gelu(a) = a·Φ(a) = a/2·(1 + erf(a/√2))``,
     ``gelu_tanh(a) = a/2·(1 + tanh(√(2/π)·(a + 0.044715·a³)))``, ``relu(a) = max(a, 0)``."""
@@ -90,7 +96,7 @@ def activation(a: np.ndarray, name: str) -> np.ndarray:
     if name == "silu":
         return a * _sigmoid(a)
     if name == "gelu":
-        return 0.5 * a * (1.0 + erf(a / math.sqrt(2.0)))
+        return 0.5 * a * (1.0 + _erf(a / math.sqrt(2.0)))
     if name == "gelu_tanh":
         return 0.5 * a * (1.0 + np.tanh(_SQRT_2_OVER_PI * (a + 0.044715 * a ** 3)))
     return np.maximum(a, 0.0)
@@ -102,7 +108,7 @@ def activation_grad(a: np.ndarray, name: str) -> np.ndarray:
         s = _sigmoid(a)
         return s * (1.0 + a * (1.0 - s))
     if name == "gelu":
-        return 0.5 * (1.0 + erf(a / math.sqrt(2.0))) + a * np.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+        return 0.5 * (1.0 + _erf(a / math.sqrt(2.0))) + a * np.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
     if name == "gelu_tanh":
         inner = _SQRT_2_OVER_PI * (a + 0.044715 * a ** 3)
         t = np.tanh(inner)
