@@ -47,7 +47,7 @@ from typing import Callable, Optional
 import click
 import numpy as np
 
-from refattn import __version__, backends
+from refattn import __version__, backends, memory
 from refattn.errors import ParameterError
 from refattn.patterns import Pattern
 from .options import EXIT_OK, dumps, json_option, one_line_errors, parse_shape
@@ -200,6 +200,10 @@ def run(shape, *, dtypes, causal="both", window=None, repeats=5, backward=True, 
     backends.get("numba")  # not installed: the registry's one-line error
     numba_be = NumbaBackend(threads=threads)
     threads = numba_be.threads
+    # q, k, v, dout, their copies in the timed dtype, and every implementation's out, dq, dk, dv
+    # (a --window also gives torch an N x N boolean mask)
+    memory.check(memory.attention_bytes((b, h, n, n, d, h), copies=4) + (n * n if window else 0),
+                 "--shape", f"the benchmark's arrays of shape {b},{h},{n},{d}")
     rng = np.random.default_rng(0)
     base = {name: rng.standard_normal((b, h, n, d)) for name in ("q", "k", "v", "dout")}
     scale = 1.0 / np.sqrt(d)

@@ -412,7 +412,8 @@ def test_bench_times_torch_backward_in_the_same_rounds():
     assert calls == ["t", "p"] * 4  # one warm-up, then rounds alternate
 
 
-@pytest.mark.parametrize("args", [["--shape", "1,2,3"], ["--window", "5"], ["--shape", "1,2,8,9,4,2"]])
+@pytest.mark.parametrize("args", [["--shape", "1,2,3"], ["--window", "5"], ["--shape", "1,2,8,9,4,2"],
+                                  ["--shape", "1,64,4000000,128"]])
 def test_bench_cli_usage_errors(args):
     from click.testing import CliRunner
 
